@@ -1,0 +1,217 @@
+"""Group actions of GL_k on pairs of consecutive weights, and on whole networks (SPEC section 3).
+
+Notation for one hidden layer of width ``k``: ``V (..., k, n[+1])`` maps its input ``h (..., n, b)``
+to the hidden layer, ``U (..., m, k[+1])`` maps the hidden layer onward, ``g (..., k, k)``.
+With ``bias=True`` the last column of each weight is its bias (see :mod:`metatele.nets`): ``V``
+acts on ``[h; 1]`` and only the first ``k`` columns of ``U`` are transformed (its bias is unchanged).
+
+| action           | U ->                              | V ->                              |
+|------------------|-----------------------------------|-----------------------------------|
+| ``inverse``      | ``U g^{-1}``                      | ``sigma^{-1}(g sigma(V h)) h^+`` (P1 eq. 8) |
+| ``pseudo_inverse`` | ``U sigma(V h) sigma(g V h)^+`` | ``g V``                           |
+| ``linearised``   | ``U (I - T)``                     | ``sigma^{-1}((I + T) sigma(V h)) h^+`` (P2's learned teleport; first order only) |
+| ``linear``       | ``U g^{-1}``                      | ``g V`` (needs sigma = identity, slope 1) |
+
+Networks with several hidden layers transform the pairs ``(W_1, W_0), (W_2, W_1), ...`` in order and
+recompute each pair's input ``h`` from the *already transformed* earlier weights (SPEC section 3; the
+public code's reuse of untransformed hidden values is defect 8.1 and is not reproduced).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..nets import DEFAULT_SLOPE, augment, leaky_relu, leaky_relu_inv
+from .group import identity_like
+
+__all__ = [
+    "ACTIONS",
+    "inverse_form",
+    "pseudo_inverse_form",
+    "linearised_form",
+    "linear_form",
+    "transform",
+    "Exactness",
+    "exactness",
+]
+
+ACTIONS = ("inverse", "pseudo_inverse", "linearised", "linear")
+
+
+def _split_u(U: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """Split ``U`` into the columns that read the hidden layer and its bias column (if any)."""
+    if U.shape[-1] == k:
+        return U, None
+    if U.shape[-1] == k + 1:
+        return U[..., :k], U[..., k:]
+    raise ValueError(f"U has {U.shape[-1]} columns, expected {k} (or {k + 1} with a bias) for a hidden "
+                     f"layer of width {k}")
+
+
+def _join_u(Uw: Tensor, Ub: Tensor | None) -> Tensor:
+    return Uw if Ub is None else torch.cat([Uw, Ub], dim=-1)
+
+
+def _check_slope(slope: float, action: str) -> None:
+    if not slope > 0:
+        raise ValueError(f"the {action!r} action needs an invertible LeakyReLU (slope > 0), got slope {slope}")
+
+
+def inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: float = DEFAULT_SLOPE,
+                 bias: bool = False, h_pinv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """P1 eq. 8: ``U -> U g^{-1}``, ``V -> sigma^{-1}(g sigma(V h)) h^+``.
+
+    Exact on the batch ``h`` when ``[h; 1]`` has full column rank (``b <= n``). ``g^{-1}`` is applied with
+    ``torch.linalg.solve``. ``h_pinv`` (the pseudo-inverse of ``h``, or of ``[h; 1]`` with bias) may be
+    passed to avoid recomputing it. Returns ``(U', V')``.
+    """
+    _check_slope(slope, "inverse")
+    ha = augment(h) if bias else h
+    Z = leaky_relu(V @ ha, slope)
+    hp = torch.linalg.pinv(ha) if h_pinv is None else h_pinv
+    V_new = leaky_relu_inv(g @ Z, slope) @ hp
+    Uw, Ub = _split_u(U, g.shape[-1])
+    Uw_new = torch.linalg.solve(g, Uw, left=False)  # U g^{-1}
+    return _join_u(Uw_new, Ub), V_new
+
+
+def pseudo_inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: float = DEFAULT_SLOPE,
+                        bias: bool = False) -> tuple[Tensor, Tensor]:
+    """``U -> U sigma(V h) sigma(g V h)^+``, ``V -> g V``; exact when ``b <= k`` (SPEC section 3)."""
+    _check_slope(slope, "pseudo_inverse")
+    ha = augment(h) if bias else h
+    V_new = g @ V
+    Uw, Ub = _split_u(U, g.shape[-1])
+    Uw_new = Uw @ leaky_relu(V @ ha, slope) @ torch.linalg.pinv(leaky_relu(V_new @ ha, slope))
+    return _join_u(Uw_new, Ub), V_new
+
+
+def linearised_form(U: Tensor, V: Tensor, h: Tensor, T: Tensor, *, slope: float = DEFAULT_SLOPE,
+                    bias: bool = False, h_pinv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """P2's learned-teleport action with ``g = I + T``: ``U -> U (I - T)``, ``V -> sigma^{-1}((I+T) sigma(V h)) h^+``.
+
+    A named approximation: ``(I + T)^{-1} = I - T + O(||T||^2)``, so the loss changes at second order.
+    """
+    _check_slope(slope, "linearised")
+    ha = augment(h) if bias else h
+    eye = identity_like(T)
+    hp = torch.linalg.pinv(ha) if h_pinv is None else h_pinv
+    V_new = leaky_relu_inv((eye + T) @ leaky_relu(V @ ha, slope), slope) @ hp
+    Uw, Ub = _split_u(U, T.shape[-1])
+    return _join_u(Uw @ (eye - T), Ub), V_new
+
+
+def linear_form(U: Tensor, V: Tensor, g: Tensor, *, slope: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Linear layers (``sigma`` = identity, i.e. slope 1): ``U -> U g^{-1}``, ``V -> g V``; always exact."""
+    if slope != 1.0:
+        raise ValueError(f"the 'linear' action keeps the loss only for sigma = identity (slope 1.0), "
+                         f"got slope {slope}; use 'inverse' or 'pseudo_inverse' for LeakyReLU")
+    Uw, Ub = _split_u(U, g.shape[-1])
+    return _join_u(torch.linalg.solve(g, Uw, left=False), Ub), g @ V
+
+
+def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | None], *,
+              action: str = "inverse", slope: float = DEFAULT_SLOPE, bias: bool = False,
+              X_pinv: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Apply one group element per hidden layer to a whole network, layer pairs in order.
+
+    ``weights``: ``(W_0, ..., W_L)``, ``W_i (..., out_i, in_i[+1])``; ``X (..., d_in, b)``.
+    ``elements``: ``L`` entries, one per hidden layer: ``g_i (..., h_i, h_i)`` for ``inverse``,
+    ``pseudo_inverse`` and ``linear``; ``T_i`` for ``linearised``. ``None`` leaves that layer alone.
+    ``X_pinv``: optional cached pseudo-inverse of ``X`` (or ``[X; 1]``) for the first pair.
+    The input of pair ``i`` is recomputed from the already transformed ``W_0, ..., W_{i-1}``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; allowed: {ACTIONS}")
+    W = list(weights)
+    if len(elements) != len(W) - 1:
+        raise ValueError(f"need one group element per hidden layer: {len(W) - 1}, got {len(elements)}")
+    h = X
+    for i, e in enumerate(elements):
+        if e is not None:
+            k = W[i].shape[-2]
+            if e.shape[-2:] != (k, k):
+                raise ValueError(f"group element {i} has shape {tuple(e.shape)}; hidden layer {i} has "
+                                 f"width {k}, so it must be (..., {k}, {k})")
+            hp = X_pinv if i == 0 else None
+            if action == "inverse":
+                W[i + 1], W[i] = inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp)
+            elif action == "pseudo_inverse":
+                W[i + 1], W[i] = pseudo_inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias)
+            elif action == "linearised":
+                W[i + 1], W[i] = linearised_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp)
+            else:
+                W[i + 1], W[i] = linear_form(W[i + 1], W[i], e, slope=slope)
+        if i + 1 < len(elements):
+            h = leaky_relu(W[i] @ (augment(h) if bias else h), slope)
+    return tuple(W)
+
+
+# ----------------------------------------------------------------------------- exactness check
+
+_ORDER = {"exact": 0, "projection": 1, "first_order": 2, "approximate": 3}
+
+
+@dataclass
+class Exactness:
+    """Whether an action preserves the loss on a batch, per hidden layer and overall.
+
+    Verdicts: ``"exact"`` (loss kept, ``g = I`` leaves the weights unchanged), ``"projection"`` (loss kept
+    on this batch, but even ``g = I`` projects the weights: batch smaller than the width), ``"first_order"``
+    (the linearised action: error ``O(||T||^2)``), ``"approximate"`` (batch larger than the width: the loss
+    changes at first order in ``g - I``).
+    """
+
+    verdict: str
+    per_layer: list[str] = field(default_factory=list)
+    detail: list[str] = field(default_factory=list)
+
+    @property
+    def loss_preserving(self) -> bool:
+        return self.verdict in ("exact", "projection")
+
+
+def _rank_verdict(mat: Tensor, what: str) -> tuple[str, str]:
+    """Verdict for a right pseudo-inverse ``A mat^+ mat = A``: needs full column rank ``b``."""
+    rows, b = mat.shape[-2], mat.shape[-1]
+    if b > rows:
+        return "approximate", f"batch {b} > {what} {rows}"
+    rank = torch.linalg.matrix_rank(mat.detach().double())
+    if bool((rank < b).any()):
+        return "approximate", f"{what} {rows} >= batch {b} but rank {int(rank.min())} < {b}"
+    if b < rows:
+        return "projection", f"batch {b} < {what} {rows}"
+    return "exact", f"batch {b} == {what} {rows}, full rank"
+
+
+def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
+              slope: float = DEFAULT_SLOPE, bias: bool = False) -> Exactness:
+    """Tell whether ``action`` keeps the loss of this network on the batch ``X`` (SPEC section 3).
+
+    ``inverse`` needs each pair's input ``[h; 1]`` to have full column rank (``b <= n``);
+    ``pseudo_inverse`` needs ``sigma(g V h)`` (``k x b``) to have full column rank (``b <= k``);
+    ``linearised`` is first order only; ``linear`` is exact for slope 1.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; allowed: {ACTIONS}")
+    per, detail = [], []
+    hs = [X]
+    for W in weights[:-2]:
+        hs.append(leaky_relu(W @ (augment(hs[-1]) if bias else hs[-1]), slope))
+    for i, h in enumerate(hs):
+        ha = augment(h) if bias else h
+        if action == "linear":
+            v, d = ("exact", "linear layers") if slope == 1.0 else ("approximate", f"slope {slope} != 1")
+        elif action == "inverse":
+            v, d = _rank_verdict(ha, f"input width of layer {i}{' (+1 bias)' if bias else ''}")
+        elif action == "pseudo_inverse":
+            v, d = _rank_verdict(leaky_relu(weights[i] @ ha, slope), f"hidden width {i}")
+        else:
+            v, d = "first_order", "linearised action: error O(||T||^2)"
+        per.append(v)
+        detail.append(d)
+    verdict = max(per, key=_ORDER.__getitem__) if per else "exact"
+    return Exactness(verdict, per, detail)
