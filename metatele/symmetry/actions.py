@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..nets import DEFAULT_SLOPE, augment, leaky_relu, leaky_relu_inv
-from .group import identity_like
+from .group import check_group_element, identity_like
 
 __all__ = [
     "ACTIONS",
@@ -115,13 +115,15 @@ def linear_form(U: Tensor, V: Tensor, g: Tensor, *, slope: float = 1.0) -> tuple
 
 def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | None], *,
               action: str = "inverse", slope: float = DEFAULT_SLOPE, bias: bool = False,
-              X_pinv: Tensor | None = None) -> tuple[Tensor, ...]:
+              X_pinv: Tensor | None = None, validate: bool = True) -> tuple[Tensor, ...]:
     """Apply one group element per hidden layer to a whole network, layer pairs in order.
 
     ``weights``: ``(W_0, ..., W_L)``, ``W_i (..., out_i, in_i[+1])``; ``X (..., d_in, b)``.
     ``elements``: ``L`` entries, one per hidden layer: ``g_i (..., h_i, h_i)`` for ``inverse``,
     ``pseudo_inverse`` and ``linear``; ``T_i`` for ``linearised``. ``None`` leaves that layer alone.
     ``X_pinv``: optional cached pseudo-inverse of ``X`` (or ``[X; 1]``) for the first pair.
+    ``validate``: check every element is finite and (except for ``linearised``) invertible, raising
+    ``ValueError`` otherwise; hot loops that build their elements themselves may pass ``False``.
     The input of pair ``i`` is recomputed from the already transformed ``W_0, ..., W_{i-1}``.
     """
     if action not in ACTIONS:
@@ -136,6 +138,12 @@ def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | 
             if e.shape[-2:] != (k, k):
                 raise ValueError(f"group element {i} has shape {tuple(e.shape)}; hidden layer {i} has "
                                  f"width {k}, so it must be (..., {k}, {k})")
+            if validate:
+                if action == "linearised":
+                    if not bool(torch.isfinite(e).all()):
+                        raise ValueError(f"T for hidden layer {i} has non-finite entries")
+                else:
+                    check_group_element(e)
             hp = X_pinv if i == 0 else None
             if action == "inverse":
                 W[i + 1], W[i] = inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp)

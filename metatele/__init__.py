@@ -1,0 +1,25 @@
+"""metatele: learning to teleport.
+
+Meta-learned optimisers that exploit parameter-space symmetries of neural networks, and the library of
+hand-designed symmetry teleportation they are measured against (Zhao et al., NeurIPS 2022 and ICLR 2024).
+The public API is re-exported here name by name.
+"""
+from . import nets, objectives, problems, symmetry
+from .baselines import GDResult, gd_step, run_gd
+from .nets import forward, from_sequential, to_sequential
+from .objectives import curvature, curve_curvature, curve_derivatives, grad_norm_sq, sharpness
+from .problems import regression_batch, test_seeds, train_seeds
+from .symmetry import exactness, group_element, transform
+from .teleport import TeleportReport, random_teleport, teleport, teleport_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "nets", "objectives", "problems", "symmetry",
+    "GDResult", "gd_step", "run_gd",
+    "forward", "from_sequential", "to_sequential",
+    "curvature", "curve_curvature", "curve_derivatives", "grad_norm_sq", "sharpness",
+    "regression_batch", "test_seeds", "train_seeds",
+    "exactness", "group_element", "transform",
+    "TeleportReport", "random_teleport", "teleport", "teleport_weights",
+]
