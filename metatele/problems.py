@@ -81,3 +81,8 @@ def regression_batch(dims: Sequence[int], seeds: Sequence[int], dtype: torch.dty
     X = torch.stack([p[1] for p in probs]).to(device)
     Y = torch.stack([p[2] for p in probs]).to(device)
     return RegressionBatch(W, X, Y, list(seeds), list(dims))
+
+
+# These are library functions, not tests: keep pytest from collecting them where they are imported.
+test_seeds.__test__ = False  # type: ignore[attr-defined]
+is_test_seed.__test__ = False  # type: ignore[attr-defined]
