@@ -68,7 +68,7 @@ def test_non_finite_step_rolled_back_and_model_unchanged():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
     def exploding(w, X, Y):  # an objective whose gradient is infinite: the step would be non-finite
-        return metatele.grad_norm_sq(w, X, Y) * math.inf
+        return metatele.grad_norm_sq(w, X, Y, bias=True) * math.inf
 
     rep = metatele.teleport(model, x, y, objective=exploding, steps=2)
     assert bool(rep.rolled_back.all()) and int(rep.steps_taken) == 0
