@@ -1,0 +1,68 @@
+"""Shared plotting for the experiments: mean curves with spread bands, PNG + PDF output.
+
+Every figure is written twice, ``NAME.png`` (dpi 150) and ``NAME.pdf``, into the experiment's ``--out``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plt", "mean_std", "band", "save_figure", "grid"]
+
+
+def mean_std(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation over runs of equally long curves ``(runs, T) -> (T,), (T,)``."""
+    a = np.asarray(runs, dtype=float)
+    if a.ndim == 1:
+        a = a[None]
+    return a.mean(0), a.std(0)
+
+
+def band(ax, x, runs, label: str, *, color=None, log: bool = False, linestyle: str = "-", alpha: float = 0.25):
+    """Plot the mean over ``runs`` against ``x`` with a +/- one standard deviation band.
+
+    With ``log=True`` the band is the geometric mean times/divided by the geometric spread, so it stays
+    positive on a log axis. ``x``: ``(T,)`` or per-run ``(runs, T)`` (then averaged, e.g. wall-clock times).
+    """
+    a = np.asarray(runs, dtype=float)
+    if a.ndim == 1:
+        a = a[None]
+    xs = np.asarray(x, dtype=float)
+    if xs.ndim == 2:
+        xs = xs.mean(0)
+    if log:
+        la = np.log(np.clip(a, 1e-300, None))
+        m, s = la.mean(0), la.std(0)
+        mean, lo, hi = np.exp(m), np.exp(m - s), np.exp(m + s)
+    else:
+        mean, s = a.mean(0), a.std(0)
+        lo, hi = mean - s, mean + s
+    line, = ax.plot(xs, mean, label=label, color=color, linestyle=linestyle, linewidth=1.8)
+    if a.shape[0] > 1:
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=alpha, linewidth=0)
+    if log:
+        ax.set_yscale("log")
+    return line
+
+
+def grid(n_rows: int, n_cols: int, *, width: float = 3.6, height: float = 3.0):
+    """A figure with an ``(n_rows, n_cols)`` array of axes (always 2-D)."""
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, out: str, name: str) -> list[str]:
+    """Write ``out/name.png`` and ``out/name.pdf``, close the figure, return the two paths."""
+    os.makedirs(out, exist_ok=True)
+    fig.tight_layout()
+    paths = [os.path.join(out, f"{name}.png"), os.path.join(out, f"{name}.pdf")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
