@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .nets import DEFAULT_SLOPE, loss_fn
+from .nets import DEFAULT_SLOPE, augment, loss_fn
 from .teleport import TeleportReport, teleport_weights
 
 __all__ = ["GDResult", "gd_step", "run_gd"]
@@ -67,7 +67,7 @@ def run_gd(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *, steps: int, lr: f
     at = set(int(t) for t in teleport_at)
     tk = dict(teleport_kwargs or {})
     W = tuple(w.detach() for w in weights)
-    X_pinv = torch.linalg.pinv(X) if at and not bias else None
+    X_pinv = torch.linalg.pinv(augment(X) if bias else X) if at else None
     losses, gnorms, times, reports = [], [], [], []
     t0 = time.perf_counter()
     for t in range(steps):

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nets import DEFAULT_SLOPE, check_weights, from_sequential, loss_fn, to_sequential
+from .nets import DEFAULT_SLOPE, augment, check_weights, from_sequential, loss_fn, to_sequential
 from .objectives import make_objective
 from .symmetry.actions import ACTIONS, Exactness, exactness, transform
 from .symmetry.group import PARAMETRISATIONS, group_element, identity_like, normalise
@@ -131,6 +131,8 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
     f_loss = loss_fn(loss)
     n_lead = weights[-1].dim() - 2
     W = tuple(w.detach() for w in weights)
+    if X_pinv is None and action in ("inverse", "linearised"):
+        X_pinv = torch.linalg.pinv(augment(X) if bias else X)  # the first pair's input never changes
     lead = W[-1].shape[:-2]
     widths = [w.shape[-2] for w in W[:-1]]
     dev, dt = W[0].device, W[0].dtype
