@@ -1,0 +1,381 @@
+"""Configuration of the learning-to-teleport experiments (SPEC sections 6 and 8.8).
+
+Every hyper-parameter of meta-training and evaluation lives in one of the dataclasses below, with the
+paper's value (P2, Zhao et al. ICLR 2024, and its public code) as the documented default where the
+paper has one. Configurations are TOML files in ``configs/`` read with :func:`load_config`; unknown keys
+and out-of-range values raise ``ValueError`` naming the key, the value and the allowed range.
+
+TOML layout (every table and key optional)::
+
+    [problem]   dims, dtype
+    [lstm]      architecture of the meta-optimisers
+    [teleport]  how the learned group element is applied
+    [meta]      truncated BPTT, meta-loss, meta-optimiser
+    [train]     seed, batch, device, out, save_every
+    [eval]      seeds, GD baselines
+    [methods.lstm_update_tele] trajectories, steps    (one table per method)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METHODS", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
+    "EvalConfig", "MethodConfig", "Config", "load_config", "config_from_dict", "config_to_dict",
+    "PAPER_COUNTS",
+]
+
+#: Learned methods of P2's Figure 6.
+METHODS = ("lstm_update_tele", "lstm_update", "lstm_lr_tele")
+
+#: Paper meta-training counts (trajectories, inner steps per trajectory), SPEC section 6.
+PAPER_COUNTS = {"lstm_lr_tele": (30, 300), "lstm_update_tele": (700, 100), "lstm_update": (600, 100)}
+
+
+def _check_choice(where: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where} = {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_range(where: str, value, lo=None, hi=None, *, lo_open=False, integer=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} = {value!r} must be a number")
+    if integer and not isinstance(value, int):
+        raise ValueError(f"{where} = {value!r} must be an integer")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} = {value!r} must be finite")
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        raise ValueError(f"{where} = {value!r} is out of range; allowed {'(' if lo_open else '['}{lo_s}, {hi_s}]")
+
+
+@dataclass
+class ProblemConfig:
+    """Regression problem family (SPEC section 6).
+
+    dims: ``[batch, d_in, hidden..., d_out]``; ``[20, 20, 20, 20]`` in P2 (X, Y, W_0, W_1 all 20 x 20).
+    dtype: inner-loop precision, ``"float32"`` (paper) or ``"float64"``.
+    """
+
+    dims: list[int] = field(default_factory=lambda: [20, 20, 20, 20])
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not isinstance(self.dims, list) or len(self.dims) < 4:
+            raise ValueError(f"problem.dims = {self.dims!r} must be a list [batch, d_in, hidden..., d_out] "
+                             "with at least one hidden layer (4 entries)")
+        for i, d in enumerate(self.dims):
+            _check_range(f"problem.dims[{i}]", d, 1, 100000, integer=True)
+        _check_choice("problem.dtype", self.dtype, ("float32", "float64"))
+
+
+@dataclass
+class LSTMConfig:
+    """Architecture of the meta-optimisers (P2 section 6 / public ``lstm.py``).
+
+    update_arch: ``"full"`` (P2: one LSTM reading the whole flattened gradient, 800 in, hidden 300,
+      800 out) or ``"coordinatewise"`` (Andrychowicz et al. 2016: one small LSTM shared by every
+      coordinate, works for any network size).
+    update_hidden: hidden size of the full UpdateLSTM (P2: 300).
+    coord_hidden: hidden size of the coordinatewise UpdateLSTM (Andrychowicz et al.: 20).
+    tele_hidden: hidden size of the TeleportLSTM used with a learned update (P2: 300).
+    lr_tele_hidden: hidden size of the LrTeleportLSTM (P2: 20).
+    preprocess: gradient preprocessing before an LSTM: ``"none"`` (P2: raw gradients), ``"scale"``
+      (divide by ``input_scale``) or ``"log_sign"`` (Andrychowicz et al. eq. in appendix A: per coordinate
+      ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else ``(-1, e^p g)``; doubles the input width).
+    preprocess_p: the ``p`` of the log-sign preprocessing (Andrychowicz et al.: 10).
+    input_scale: divisor of the ``"scale"`` preprocessing.
+    update_scale: the learned update is ``update_scale * head(h)`` (P2: 1).
+    update_clamp: every update coordinate is clamped to ``[-update_clamp, update_clamp]`` (P2: 1e7).
+    lr_min, lr_max: range of the learned step size (P2: [1e-7, 5e-3]).
+    lr_param: ``"clamp"`` (P2: ``clamp(head(h), lr_min, lr_max)``; zero gradient outside the range) or
+      ``"log_sigmoid"`` (``lr = lr_min (lr_max/lr_min)^sigmoid(head(h))``, smooth, starts at ``lr_init``).
+    lr_init: step size of the first inner step (before the LSTM has spoken; P2's code: 1e-4) and, with
+      ``lr_param = "log_sigmoid"``, the step size the untrained LSTM proposes.
+    """
+
+    update_arch: str = "full"
+    update_hidden: int = 300
+    coord_hidden: int = 20
+    tele_hidden: int = 300
+    lr_tele_hidden: int = 20
+    preprocess: str = "none"
+    preprocess_p: float = 10.0
+    input_scale: float = 1.0
+    update_scale: float = 1.0
+    update_clamp: float = 1e7
+    lr_min: float = 1e-7
+    lr_max: float = 5e-3
+    lr_param: str = "clamp"
+    lr_init: float = 1e-4
+
+    def validate(self) -> None:
+        _check_choice("lstm.update_arch", self.update_arch, ("full", "coordinatewise"))
+        for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden"):
+            _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
+        _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
+        _check_range("lstm.preprocess_p", self.preprocess_p, 0, 100, lo_open=True)
+        _check_range("lstm.input_scale", self.input_scale, 0, None, lo_open=True)
+        _check_range("lstm.update_scale", self.update_scale, 0, None, lo_open=True)
+        _check_range("lstm.update_clamp", self.update_clamp, 0, None, lo_open=True)
+        _check_range("lstm.lr_min", self.lr_min, 0, None, lo_open=True)
+        _check_range("lstm.lr_max", self.lr_max, self.lr_min, None, lo_open=True)
+        _check_choice("lstm.lr_param", self.lr_param, ("clamp", "log_sigmoid"))
+        _check_range("lstm.lr_init", self.lr_init, self.lr_min, self.lr_max)
+
+
+@dataclass
+class TeleportConfig:
+    """How the TeleportLSTM's output becomes a teleport (SPEC sections 3 and 6).
+
+    action: ``"inverse"`` (exact: ``U g^{-1}`` with a true inverse, ``V -> sigma^{-1}(g sigma(VX)) X^+``)
+      or ``"linearised"`` (P2's learned teleport, ``U (I - T)``: first order only).
+    param: group element from ``T``: ``"I+T"`` (P2) or ``"exp"`` (``exp(T)``); ignored by ``linearised``.
+    magnitude: ``||T||_F`` after normalisation (P2: 0.01).
+    order: ``"update_then_teleport"`` (P2: step t updates w_t with the gradient at w_t, then teleports
+      the result with T computed from the same gradient) or ``"teleport_then_update"`` (teleport w_t with
+      T computed from the gradient at w_t, then update with the gradient at the teleported point; one
+      extra gradient per step).
+    every: teleport at inner steps ``t`` with ``t % every == 0`` (P2: 1, every step).
+    compute_dtype: precision of the group action (``"float64"`` keeps the loss to ~1e-8 relative in a
+      float32 network whose X has condition number ~1e4; ``"same"`` uses the network's dtype).
+    """
+
+    action: str = "inverse"
+    param: str = "I+T"
+    magnitude: float = 0.01
+    order: str = "update_then_teleport"
+    every: int = 1
+    compute_dtype: str = "float64"
+
+    def validate(self) -> None:
+        _check_choice("teleport.action", self.action, ("inverse", "linearised"))
+        _check_choice("teleport.param", self.param, ("I+T", "exp"))
+        _check_range("teleport.magnitude", self.magnitude, 0, 1.0)
+        _check_choice("teleport.order", self.order, ("update_then_teleport", "teleport_then_update"))
+        _check_range("teleport.every", self.every, 1, 10**9, integer=True)
+        _check_choice("teleport.compute_dtype", self.compute_dtype, ("float64", "same"))
+
+
+@dataclass
+class MetaConfig:
+    """Truncated backpropagation through time (P2 section 6).
+
+    unroll: inner steps per truncation window K (P2: 10); the graph is cut at every window boundary.
+    meta_loss: ``"sum"`` (P2: sum of the inner losses L(w_t) of the window), ``"log"`` (sum of
+      ``log L(w_t)``: every window and trajectory weighs the same whatever the loss scale) or
+      ``"mean_ratio"`` (sum of ``L(w_t) / L(w_start)`` with ``L(w_start)`` the detached loss at the window
+      start).
+    decay: exponential weights within a window, step j of K gets ``decay^(K-1-j)`` (1 = P2's plain sum;
+      < 1 weighs the latest steps most, Zamir et al. 2025).
+    first_order: True (P2): the gradients fed to the LSTMs are constants; False: second-order
+      meta-gradients through them.
+    lr_update: Adam step of the update LSTM (P2: 1e-3).
+    lr_teleport: Adam step of the teleport LSTM (P2: 1e-4).
+    lr_lr_teleport: Adam step of the LrTeleportLSTM (P2's code: 1e-4, hard-coded there).
+    grad_clip: clip the meta-gradient to this global norm before the step (0 = off; P2: off).
+    """
+
+    unroll: int = 10
+    meta_loss: str = "sum"
+    decay: float = 1.0
+    first_order: bool = True
+    lr_update: float = 1e-3
+    lr_teleport: float = 1e-4
+    lr_lr_teleport: float = 1e-4
+    grad_clip: float = 0.0
+
+    def validate(self) -> None:
+        _check_range("meta.unroll", self.unroll, 1, 10**6, integer=True)
+        _check_choice("meta.meta_loss", self.meta_loss, ("sum", "log", "mean_ratio"))
+        _check_range("meta.decay", self.decay, 0, 1.0, lo_open=True)
+        if not isinstance(self.first_order, bool):
+            raise ValueError(f"meta.first_order = {self.first_order!r} must be true or false")
+        for k in ("lr_update", "lr_teleport", "lr_lr_teleport"):
+            _check_range(f"meta.{k}", getattr(self, k), 0, 1.0, lo_open=True)
+        _check_range("meta.grad_clip", self.grad_clip, 0, None)
+
+
+@dataclass
+class TrainConfig:
+    """Outer loop.
+
+    seed: seeds the meta-optimisers' initialisation (trajectory seeds come from the problem streams).
+    batch: initialisations (trajectories) per meta-batch, run as one batch (P2: 1).
+    seed_offset: first training-seed index (train seeds are ``problems.train_seeds``: even numbers).
+    device: ``"cpu"`` or ``"cuda"``.
+    out: checkpoint folder.
+    save_every: write the checkpoint every this many meta-batches (and at the end, and on Ctrl-C).
+    """
+
+    seed: int = 0
+    batch: int = 1
+    seed_offset: int = 0
+    device: str = "cpu"
+    out: str = "checkpoints"
+    save_every: int = 10
+
+    def validate(self) -> None:
+        _check_range("train.seed", self.seed, 0, 2**63 - 1, integer=True)
+        _check_range("train.batch", self.batch, 1, 10**6, integer=True)
+        _check_range("train.seed_offset", self.seed_offset, 0, 10**12, integer=True)
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"train.device = {self.device!r} must be a device string such as 'cpu'")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"train.out = {self.out!r} must be a folder path")
+        _check_range("train.save_every", self.save_every, 1, 10**9, integer=True)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on unseen seeds (odd seeds, ``problems.test_seeds``).
+
+    seeds: number of evaluation initialisations (P2: 5; metatele: 20).
+    seed_offset: first test-seed index.
+    gd_lr: step size of the GD baselines (P2: 3e-4).
+    tele_at: steps before which ``gd_tele`` teleports (hand-designed gradient-norm ascent, SPEC section 4).
+    tele_steps: ascent steps per hand-designed teleport.
+    tele_lr: ascent step size on T of the hand-designed teleport.
+    tele_max_step_norm: clip each ascent step's ``||T||_F`` (``ds/dT`` is ~1e9 at the paper problem's
+      initial loss, so an unclipped step overshoots; 0.01 matches the learned teleport's magnitude;
+      0 = no clipping, the papers' rule).
+    thresholds: loss thresholds of the speed-up table (steps to reach, relative to GD).
+    report_steps: steps at which the summary table prints mean and std of the loss.
+    """
+
+    seeds: int = 20
+    seed_offset: int = 0
+    gd_lr: float = 3e-4
+    tele_at: list[int] = field(default_factory=lambda: [0])
+    tele_steps: int = 10
+    tele_lr: float = 1e-7
+    tele_max_step_norm: float = 0.01
+    thresholds: list[float] = field(default_factory=lambda: [1000.0, 100.0, 30.0])
+    report_steps: list[int] = field(default_factory=lambda: [0, 10, 30, 99])
+
+    def validate(self) -> None:
+        _check_range("eval.seeds", self.seeds, 1, 10**6, integer=True)
+        _check_range("eval.seed_offset", self.seed_offset, 0, 10**12, integer=True)
+        _check_range("eval.gd_lr", self.gd_lr, 0, 1.0, lo_open=True)
+        for i, t in enumerate(self.tele_at):
+            _check_range(f"eval.tele_at[{i}]", t, 0, 10**9, integer=True)
+        _check_range("eval.tele_steps", self.tele_steps, 1, 10**6, integer=True)
+        _check_range("eval.tele_lr", self.tele_lr, 0, None, lo_open=True)
+        _check_range("eval.tele_max_step_norm", self.tele_max_step_norm, 0, None)
+        for i, t in enumerate(self.thresholds):
+            _check_range(f"eval.thresholds[{i}]", t, 0, None, lo_open=True)
+        for i, t in enumerate(self.report_steps):
+            _check_range(f"eval.report_steps[{i}]", t, 0, 10**9, integer=True)
+
+
+@dataclass
+class MethodConfig:
+    """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps."""
+
+    trajectories: int
+    steps: int
+
+    def validate(self, name: str) -> None:
+        _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
+        _check_range(f"methods.{name}.steps", self.steps, 1, 10**7, integer=True)
+
+
+def _paper_methods() -> dict[str, MethodConfig]:
+    return {k: MethodConfig(*v) for k, v in PAPER_COUNTS.items()}
+
+
+@dataclass
+class Config:
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    lstm: LSTMConfig = field(default_factory=LSTMConfig)
+    teleport: TeleportConfig = field(default_factory=TeleportConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: dict[str, MethodConfig] = field(default_factory=_paper_methods)
+
+    def validate(self) -> "Config":
+        self.problem.validate()
+        self.lstm.validate()
+        self.teleport.validate()
+        self.meta.validate()
+        self.train.validate()
+        self.eval.validate()
+        for name, m in self.methods.items():
+            _check_choice("methods table name", name, METHODS)
+            m.validate(name)
+        return self
+
+
+_SECTIONS = {"problem": ProblemConfig, "lstm": LSTMConfig, "teleport": TeleportConfig,
+             "meta": MetaConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _build(cls, section: str, data: dict[str, Any]):
+    if not isinstance(data, dict):
+        raise ValueError(f"[{section}] must be a table, got {data!r}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{section}]; allowed: {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        default = getattr(cls(), k) if section != "methods" else None
+        if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)  # TOML "1" for a float field
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a nested dict (the TOML document's layout)."""
+    unknown = sorted(set(data) - set(_SECTIONS) - {"methods"})
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; allowed: {sorted(list(_SECTIONS) + ['methods'])}")
+    cfg = Config()
+    for sec, cls in _SECTIONS.items():
+        if sec in data:
+            setattr(cfg, sec, _build(cls, sec, data[sec]))
+    if "methods" in data:
+        methods = _paper_methods()
+        if not isinstance(data["methods"], dict):
+            raise ValueError(f"[methods] must be a table of method tables, got {data['methods']!r}")
+        for name, m in data["methods"].items():
+            _check_choice("methods table name", name, METHODS)
+            base = dataclasses.asdict(methods[name])
+            if not isinstance(m, dict):
+                raise ValueError(f"[methods.{name}] must be a table, got {m!r}")
+            unknown = sorted(set(m) - set(base))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown} in [methods.{name}]; allowed: {sorted(base)}")
+            base.update(m)
+            methods[name] = MethodConfig(**base)
+        cfg.methods = methods
+    return cfg.validate()
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (JSON/TOML-able) of a configuration; inverse of :func:`config_from_dict`."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read a TOML configuration (``None``: all defaults = the paper's values) and validate it."""
+    if path is None:
+        return Config().validate()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    return config_from_dict(data)

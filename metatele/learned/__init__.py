@@ -1,0 +1,11 @@
+"""Learned optimisers (SPEC section 6): the LSTM meta-optimisers of P2 and a torch.optim-like wrapper."""
+from .lstm import (CoordinateUpdateLSTM, LrTeleportLSTM, StackedLSTM, TeleportLSTM, UpdateLSTM,
+                   detach_state)
+from .methods import LearnedMethod, pair_gradients, weight_shapes
+from .preprocess import preprocess
+from .optimizer import LearnedOptimizer
+from .teleport import apply_learned_teleport
+
+__all__ = ["CoordinateUpdateLSTM", "LrTeleportLSTM", "StackedLSTM", "TeleportLSTM", "UpdateLSTM",
+           "detach_state", "LearnedMethod", "pair_gradients", "weight_shapes", "preprocess",
+           "apply_learned_teleport", "LearnedOptimizer"]

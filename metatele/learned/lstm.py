@@ -1,0 +1,196 @@
+"""The meta-optimisers of P2 (section 6): two stacked LSTM cells plus linear heads.
+
+Every module keeps its recurrent state explicit: ``init_state(B)`` returns it and ``forward`` takes and
+returns it, so a batch of ``B`` trajectories (one row each) runs through one call and the trainer decides
+where the graph is cut (``detach_state``). State layout: ``((h_1, c_1), (h_2, c_2))``, each ``(B, hidden)``
+(or ``(B * P, hidden)`` for the coordinatewise LSTM).
+
+* :class:`UpdateLSTM`: flattened gradient of all weights ``(B, P)`` -> update ``(B, P)``; the inner
+  step is ``w <- w - update`` (P2, paper sizes P = 800, hidden 300).
+* :class:`CoordinateUpdateLSTM`: one small LSTM shared by all coordinates (Andrychowicz et al. 2016),
+  ``(B, P)`` -> ``(B, P)`` for any ``P``.
+* :class:`TeleportLSTM`: gradients of the two weights around a hidden layer of width ``k``
+  ``(B, n_in)`` -> ``T (B, k, k)`` with ``||T||_F = magnitude`` (P2: hidden 300, magnitude 0.01).
+* :class:`LrTeleportLSTM`: as TeleportLSTM (P2: hidden 20) plus a step size ``(B,)`` in
+  ``[lr_min, lr_max]`` (P2: [1e-7, 5e-3]).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..symmetry import normalise
+from .preprocess import preprocess, preprocessed_width
+
+__all__ = ["LSTMState", "StackedLSTM", "UpdateLSTM", "CoordinateUpdateLSTM", "TeleportLSTM",
+           "LrTeleportLSTM", "detach_state"]
+
+LSTMState = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def detach_state(state: LSTMState) -> LSTMState:
+    """Cut the graph behind a recurrent state (truncated BPTT window boundary)."""
+    return tuple((h.detach(), c.detach()) for h, c in state)  # type: ignore[return-value]
+
+
+class StackedLSTM(nn.Module):
+    """Two stacked ``nn.LSTMCell``s: ``x (N, n_in) -> h_2 (N, hidden)``."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__()
+        if n_in < 1 or hidden < 1:
+            raise ValueError(f"LSTM sizes must be >= 1, got n_in={n_in}, hidden={hidden}")
+        self.n_in, self.hidden = int(n_in), int(hidden)
+        self.cell1 = nn.LSTMCell(self.n_in, self.hidden)
+        self.cell2 = nn.LSTMCell(self.hidden, self.hidden)
+
+    def init_state(self, n: int, dtype=None, device=None) -> LSTMState:
+        z = lambda: torch.zeros(n, self.hidden, dtype=dtype, device=device)  # noqa: E731
+        return ((z(), z()), (z(), z()))
+
+    def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        h1, c1 = self.cell1(x, state[0])
+        h2, c2 = self.cell2(h1, state[1])
+        return h2, ((h1, c1), (h2, c2))
+
+
+class _GradLSTM(nn.Module):
+    """Shared plumbing: preprocessing of the gradient input, state creation."""
+
+    def __init__(self, n_in: int, hidden: int, preprocess: str = "none", p: float = 10.0,
+                 input_scale: float = 1.0):
+        super().__init__()
+        self.n_in = int(n_in)
+        self.preprocess_kind = preprocess
+        self.p = float(p)
+        self.input_scale = float(input_scale)
+        self.lstm = StackedLSTM(preprocessed_width(self.n_in, preprocess), hidden)
+
+    @property
+    def hidden(self) -> int:
+        return self.lstm.hidden
+
+    def init_state(self, batch: int, dtype=None, device=None) -> LSTMState:
+        return self.lstm.init_state(batch, dtype, device)
+
+    def _features(self, g: Tensor) -> Tensor:
+        if g.shape[-1] != self.n_in:
+            raise ValueError(f"{type(self).__name__} expects {self.n_in} gradient entries per trajectory, "
+                             f"got {g.shape[-1]}")
+        return preprocess(g, self.preprocess_kind, p=self.p, scale=self.input_scale)
+
+
+class UpdateLSTM(_GradLSTM):
+    """P2's LSTM(update): ``update = clamp(scale * Linear(h_2), -clamp, clamp)``; inner step ``w - update``.
+
+    ``forward(grad (B, P), state) -> (update (B, P), state)``.
+    """
+
+    def __init__(self, n_params: int = 800, hidden: int = 300, *, preprocess: str = "none",
+                 p: float = 10.0, input_scale: float = 1.0, out_scale: float = 1.0,
+                 clamp: float = 1e7):
+        super().__init__(n_params, hidden, preprocess, p, input_scale)
+        self.head = nn.Linear(hidden, n_params)
+        self.out_scale, self.clamp = float(out_scale), float(clamp)
+
+    def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        h, state = self.lstm(self._features(grad), state)
+        u = (self.out_scale * self.head(h)).clamp(-self.clamp, self.clamp)
+        return u, state
+
+
+class CoordinateUpdateLSTM(nn.Module):
+    """Coordinatewise LSTM optimiser (Andrychowicz et al. 2016): one LSTM with ``hidden`` units shared by
+    every coordinate; input the log-magnitude and sign of the gradient coordinate (always ``log_sign``),
+    output ``out_scale * Linear(h)``; inner step ``w - update``.
+
+    ``forward(grad (B, P), state) -> (update (B, P), state)``; the state is ``(B * P, hidden)``.
+    """
+
+    def __init__(self, hidden: int = 20, *, p: float = 10.0, out_scale: float = 0.1,
+                 clamp: float = 1e7):
+        super().__init__()
+        self.p, self.out_scale, self.clamp = float(p), float(out_scale), float(clamp)
+        self.lstm = StackedLSTM(2, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    @property
+    def hidden(self) -> int:
+        return self.lstm.hidden
+
+    def init_state(self, batch: int, dtype=None, device=None, *, n_params: int) -> LSTMState:
+        return self.lstm.init_state(batch * n_params, dtype, device)
+
+    def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        B, P = grad.shape
+        x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.p)
+        h, state = self.lstm(x, state)
+        u = (self.out_scale * self.head(h)).reshape(B, P).clamp(-self.clamp, self.clamp)
+        return u, state
+
+
+class TeleportLSTM(_GradLSTM):
+    """P2's teleport LSTM for one hidden layer of width ``k``.
+
+    ``forward(grad_pair (B, n_in), state) -> (T (B, k, k), state)`` with ``grad_pair`` the concatenated
+    flattened gradients of the weight into and the weight out of the hidden layer, and
+    ``||T||_F = magnitude`` (P2: 0.01).
+    """
+
+    def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 300, *, magnitude: float = 0.01,
+                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0):
+        super().__init__(n_in, hidden, preprocess, p, input_scale)
+        self.k, self.magnitude = int(k), float(magnitude)
+        self.head = nn.Linear(hidden, self.k * self.k)
+
+    def _T(self, h: Tensor) -> Tensor:
+        T = self.head(h).reshape(h.shape[0], self.k, self.k)
+        return normalise(T, self.magnitude)
+
+    def forward(self, grad_pair: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        h, state = self.lstm(self._features(grad_pair), state)
+        return self._T(h), state
+
+
+class LrTeleportLSTM(TeleportLSTM):
+    """P2's LSTM(lr, tele): a TeleportLSTM (hidden 20) with a second head for the step size.
+
+    ``forward(grad_pair, state) -> (T (B, k, k), lr (B,), state)``.
+    ``lr_param = "clamp"``: ``lr = clamp(Linear(h), lr_min, lr_max)`` (P2);
+    ``lr_param = "log_sigmoid"``: ``lr = lr_min (lr_max / lr_min)^sigmoid(Linear(h))``, with the head's bias
+    set so that the untrained LSTM proposes ``lr_init`` (and its weight scaled by 0.1).
+    """
+
+    def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 20, *, magnitude: float = 0.01,
+                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0,
+                 lr_min: float = 1e-7, lr_max: float = 5e-3, lr_param: str = "clamp",
+                 lr_init: float = 1e-4):
+        super().__init__(n_in, k, hidden, magnitude=magnitude, preprocess=preprocess, p=p,
+                         input_scale=input_scale)
+        if not 0 < lr_min < lr_max:
+            raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
+        if lr_param not in ("clamp", "log_sigmoid"):
+            raise ValueError(f"lr_param = {lr_param!r}; allowed: ['clamp', 'log_sigmoid']")
+        if not lr_min <= lr_init <= lr_max:
+            raise ValueError(f"lr_init = {lr_init} must lie in [lr_min, lr_max] = [{lr_min}, {lr_max}]")
+        self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
+        self.lr_head = nn.Linear(hidden, 1)
+        if lr_param == "log_sigmoid":
+            frac = (math.log(lr_init) - math.log(lr_min)) / (math.log(lr_max) - math.log(lr_min))
+            frac = min(max(frac, 1e-4), 1 - 1e-4)
+            with torch.no_grad():
+                self.lr_head.weight.mul_(0.1)
+                self.lr_head.bias.fill_(math.log(frac / (1 - frac)))
+
+    def step_size(self, h: Tensor) -> Tensor:
+        z = self.lr_head(h).squeeze(-1)
+        if self.lr_param == "clamp":
+            return z.clamp(self.lr_min, self.lr_max)
+        log_ratio = math.log(self.lr_max / self.lr_min)
+        return self.lr_min * torch.exp(torch.sigmoid(z) * log_ratio)
+
+    def forward(self, grad_pair: Tensor, state: LSTMState):  # type: ignore[override]
+        h, state = self.lstm(self._features(grad_pair), state)
+        return self._T(h), self.step_size(h), state

@@ -1,0 +1,166 @@
+"""The three learned methods of P2's Figure 6 as one module each (SPEC section 6).
+
+| method             | update                         | teleport (every ``teleport.every`` steps) |
+|--------------------|--------------------------------|-------------------------------------------|
+| ``lstm_update``      | ``w - UpdateLSTM(grad)``         | none                                      |
+| ``lstm_update_tele`` | ``w - UpdateLSTM(grad)``         | ``T`` from a TeleportLSTM per hidden layer  |
+| ``lstm_lr_tele``     | ``w - lr_t grad`` (GD)           | ``T`` and ``lr_{t+1}`` from an LrTeleportLSTM |
+
+A :class:`LearnedMethod` holds the LSTMs and exposes the two pieces of one inner step as functions of
+explicit tensors (``propose_update``, ``propose_teleport``) plus ``teleport`` (the group action); the
+order in which the unroller calls them is ``teleport.order`` (see :mod:`metatele.meta.unroll`).
+The recurrent state is a dict ``{"update": LSTMState | None, "tele": [LSTMState] | None, "lr": (B,)}``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import METHODS, LSTMConfig, MetaConfig, TeleportConfig
+from ..nets import flatten, unflatten
+from .lstm import CoordinateUpdateLSTM, LrTeleportLSTM, TeleportLSTM, UpdateLSTM, detach_state
+from .teleport import apply_learned_teleport
+
+__all__ = ["LearnedMethod", "weight_shapes", "pair_gradients"]
+
+
+def weight_shapes(dims: Sequence[int]) -> list[tuple[int, int]]:
+    """Weight shapes ``(out, in)`` of the problem ``dims = [b, d_in, h_1, ..., d_out]``."""
+    return [(int(dims[i + 2]), int(dims[i + 1])) for i in range(len(dims) - 2)]
+
+
+def pair_gradients(grads: Sequence[Tensor], i: int) -> Tensor:
+    """Input of the teleport LSTM of hidden layer ``i``: ``[vec dL/dW_i, vec dL/dW_{i+1}]`` ``(B, n_in)``."""
+    B = grads[i].shape[0]
+    return torch.cat([grads[i].reshape(B, -1), grads[i + 1].reshape(B, -1)], dim=-1)
+
+
+class LearnedMethod(nn.Module):
+    """A learned optimiser for networks with weights of shapes ``shapes`` (``[(out, in), ...]``).
+
+    name: one of ``lstm_update_tele``, ``lstm_update``, ``lstm_lr_tele``.
+    """
+
+    def __init__(self, name: str, shapes: Sequence[tuple[int, int]], lstm: LSTMConfig | None = None,
+                 teleport: TeleportConfig | None = None):
+        super().__init__()
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; allowed: {list(METHODS)}")
+        if len(shapes) < 2:
+            raise ValueError(f"need at least two weights (one hidden layer), got shapes {list(shapes)}")
+        lstm = lstm or LSTMConfig()
+        self.tele_cfg = teleport or TeleportConfig()
+        self.lstm_cfg = lstm
+        self.name = name
+        self.shapes = [tuple(int(x) for x in s) for s in shapes]
+        self.n_params = sum(o * i for o, i in self.shapes)
+        self.learn_update = name in ("lstm_update", "lstm_update_tele")
+        self.learn_tele = name in ("lstm_update_tele", "lstm_lr_tele")
+        self.learn_lr = name == "lstm_lr_tele"
+        self.update_net: nn.Module | None = None
+        if self.learn_update:
+            if lstm.update_arch == "full":
+                self.update_net = UpdateLSTM(self.n_params, lstm.update_hidden, preprocess=lstm.preprocess,
+                                             p=lstm.preprocess_p, input_scale=lstm.input_scale,
+                                             out_scale=lstm.update_scale, clamp=lstm.update_clamp)
+            else:
+                self.update_net = CoordinateUpdateLSTM(lstm.coord_hidden, p=lstm.preprocess_p,
+                                                       out_scale=lstm.update_scale, clamp=lstm.update_clamp)
+        self.tele_nets: nn.ModuleList | None = None
+        if self.learn_tele:
+            nets = []
+            for i in range(len(self.shapes) - 1):
+                k = self.shapes[i][0]
+                n_in = self.shapes[i][0] * self.shapes[i][1] + self.shapes[i + 1][0] * self.shapes[i + 1][1]
+                common = dict(magnitude=self.tele_cfg.magnitude, preprocess=lstm.preprocess,
+                              p=lstm.preprocess_p, input_scale=lstm.input_scale)
+                if self.learn_lr:
+                    nets.append(LrTeleportLSTM(n_in, k, lstm.lr_tele_hidden, lr_min=lstm.lr_min,
+                                               lr_max=lstm.lr_max, lr_param=lstm.lr_param,
+                                               lr_init=lstm.lr_init, **common))
+                else:
+                    nets.append(TeleportLSTM(n_in, k, lstm.tele_hidden, **common))
+            self.tele_nets = nn.ModuleList(nets)
+
+    # ------------------------------------------------------------------ description
+    def arch(self) -> dict[str, Any]:
+        """What a checkpoint must match to be loaded into this module."""
+        return {"method": self.name, "shapes": [list(s) for s in self.shapes],
+                "update_arch": self.lstm_cfg.update_arch if self.learn_update else None,
+                "param_shapes": {k: list(v.shape) for k, v in self.state_dict().items()}}
+
+    def param_groups(self, meta: MetaConfig) -> list[dict]:
+        """Adam parameter groups: update LSTM at ``meta.lr_update``, teleport LSTMs at ``meta.lr_teleport``
+        (``meta.lr_lr_teleport`` for the LrTeleportLSTM)."""
+        groups = []
+        if self.update_net is not None:
+            groups.append({"params": list(self.update_net.parameters()), "lr": meta.lr_update,
+                           "name": "update"})
+        if self.tele_nets is not None:
+            lr = meta.lr_lr_teleport if self.learn_lr else meta.lr_teleport
+            groups.append({"params": list(self.tele_nets.parameters()), "lr": lr, "name": "teleport"})
+        return groups
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, batch: int, dtype=None, device=None) -> dict[str, Any]:
+        st: dict[str, Any] = {"update": None, "tele": None,
+                              "lr": torch.full((batch,), self.lstm_cfg.lr_init, dtype=dtype, device=device)}
+        if self.update_net is not None:
+            if isinstance(self.update_net, CoordinateUpdateLSTM):
+                st["update"] = self.update_net.init_state(batch, dtype, device, n_params=self.n_params)
+            else:
+                st["update"] = self.update_net.init_state(batch, dtype, device)
+        if self.tele_nets is not None:
+            st["tele"] = [net.init_state(batch, dtype, device) for net in self.tele_nets]
+        return st
+
+    @staticmethod
+    def detach_state(state: dict[str, Any]) -> dict[str, Any]:
+        return {"update": None if state["update"] is None else detach_state(state["update"]),
+                "tele": None if state["tele"] is None else [detach_state(s) for s in state["tele"]],
+                "lr": state["lr"].detach()}
+
+    # ------------------------------------------------------------------ the step pieces
+    def propose_update(self, weights: Sequence[Tensor], grads: Sequence[Tensor],
+                       state: dict[str, Any]) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+        """One local update: ``w - UpdateLSTM(grad)`` or ``w - lr_t grad``. Shapes ``W_i (B, out, in)``."""
+        state = dict(state)
+        if self.update_net is not None:
+            g = flatten(grads, 1)
+            u, state["update"] = self.update_net(g.to(next(self.update_net.parameters()).dtype), state["update"])
+            new = flatten(weights, 1) - u.to(g.dtype)
+            return unflatten(new, weights, 1), state
+        lr = state["lr"].to(weights[0].dtype)
+        shape = (-1,) + (1,) * (weights[0].dim() - 1)
+        return tuple(w - lr.reshape(shape) * g for w, g in zip(weights, grads)), state
+
+    def propose_teleport(self, grads: Sequence[Tensor], state: dict[str, Any]
+                         ) -> tuple[list[Tensor] | None, dict[str, Any]]:
+        """``T`` per hidden layer from the teleport LSTMs (and ``lr_{t+1}``, mean over layers as in P2)."""
+        if self.tele_nets is None:
+            return None, state
+        state = dict(state)
+        Ts, new_states, lrs = [], [], []
+        for i, net in enumerate(self.tele_nets):
+            x = pair_gradients(grads, i).to(next(net.parameters()).dtype)
+            if self.learn_lr:
+                T, lr, s = net(x, state["tele"][i])
+                lrs.append(lr)
+            else:
+                T, s = net(x, state["tele"][i])
+            Ts.append(T)
+            new_states.append(s)
+        state["tele"] = new_states
+        if lrs:
+            state["lr"] = torch.stack(lrs).mean(0)
+        return Ts, state
+
+    def teleport(self, weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Tensor],
+                 X_pinv: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Apply the group elements from ``Ts`` with the configured action (exact by default)."""
+        c = self.tele_cfg
+        Ts = [T.to(weights[0].dtype) for T in Ts]
+        return apply_learned_teleport(weights, X, Ts, action=c.action, param=c.param,
+                                      compute_dtype=c.compute_dtype, X_pinv=X_pinv)

@@ -1,0 +1,119 @@
+"""A trained meta-optimiser as a drop-in ``torch.optim``-style optimiser.
+
+::
+
+    opt = LearnedOptimizer.from_checkpoint("checkpoints/lstm_update_tele.pt", model.parameters())
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()                 # learned update (or learned step size) from p.grad
+        opt.teleport(model, xb)    # learned group element, exact action on this batch
+
+The parameters must have the shapes the meta-optimiser was trained for (a full-vector UpdateLSTM reads
+all of them at once; the coordinatewise UpdateLSTM works for any shapes but still needs the trained
+hidden-layer widths for its teleport LSTM). The recurrent state is one trajectory (batch 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import ProblemMismatch
+from ..nets import from_sequential, to_sequential
+from .methods import LearnedMethod
+from .teleport import action_dtype, apply_learned_teleport
+
+__all__ = ["LearnedOptimizer"]
+
+
+class LearnedOptimizer:
+    """Applies a :class:`LearnedMethod` to ``params`` (tensors with ``.grad``), one step at a time."""
+
+    def __init__(self, params: Iterable[Tensor], method: LearnedMethod):
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("LearnedOptimizer got an empty parameter list")
+        self.method = method.eval()
+        shapes = [tuple(p.shape) for p in self.params]
+        coordinatewise = method.update_net is not None and method.lstm_cfg.update_arch == "coordinatewise"
+        if not coordinatewise and shapes != [tuple(s) for s in method.shapes]:
+            raise ProblemMismatch(f"parameters of shapes {shapes} do not match the shapes the meta-optimiser "
+                                  f"was trained for {method.shapes}")
+        self._n_params = sum(p.numel() for p in self.params)
+        dt = next(method.parameters()).dtype
+        self.state = method.init_state(1, dtype=dt, device=self.params[0].device)
+        if coordinatewise:
+            self.state["update"] = method.update_net.init_state(1, dt, self.params[0].device,
+                                                                n_params=self._n_params)
+        self._last_grads: tuple[Tensor, ...] | None = None
+        self.steps = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, params: Iterable[Tensor]) -> "LearnedOptimizer":
+        """Load a ``train_meta.py`` checkpoint (typed :mod:`metatele.checkpoint` errors on failure)."""
+        from ..meta.evaluate import load_method
+
+        method, _, _ = load_method(path)
+        return cls(params, method)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def _grads(self) -> tuple[Tensor, ...]:
+        missing = [i for i, p in enumerate(self.params) if p.grad is None]
+        if missing:
+            raise ValueError(f"parameters {missing} have no .grad: call loss.backward() before step()")
+        return tuple(p.grad.detach().unsqueeze(0) for p in self.params)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One learned update of every parameter from its ``.grad`` (``closure`` as in ``torch.optim``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._grads()
+        weights = tuple(p.detach().unsqueeze(0) for p in self.params)
+        new, self.state = self.method.propose_update(weights, grads, self.state)
+        for p, w in zip(self.params, new):
+            p.copy_(w.squeeze(0))
+        self._last_grads = grads
+        self.steps += 1
+        return loss
+
+    @torch.no_grad()
+    def teleport(self, model: nn.Sequential, inputs: Tensor) -> bool:
+        """Teleport ``model`` (``nn.Sequential`` of ``nn.Linear`` and ``nn.LeakyReLU``, no biases for the
+        paper's shapes) with the learned group element on the batch ``inputs`` ``(b, features)``.
+
+        The teleport LSTM reads the gradients of the last :meth:`step` (P2's order: update, then
+        teleport). Returns False (and does nothing) for a method without a learned teleport.
+        """
+        if self.method.tele_nets is None:
+            return False
+        if self._last_grads is None:
+            raise ValueError("call step() before teleport(): the teleport LSTM reads the step's gradients")
+        Ts, self.state = self.method.propose_teleport(self._last_grads, self.state)
+        weights, slope, bias = from_sequential(model)
+        X = inputs.detach().reshape(inputs.shape[0], -1).T.to(weights[0].dtype)  # columns (features, b)
+        c = self.method.tele_cfg
+        Xa = torch.cat([X, torch.ones(1, X.shape[1], dtype=X.dtype, device=X.device)]) if bias else X
+        X_pinv = torch.linalg.pinv(Xa.to(action_dtype(X.dtype, c.compute_dtype)))
+        new = apply_learned_teleport(weights, X, [T[0].to(weights[0].dtype) for T in Ts], action=c.action,
+                                     param=c.param, compute_dtype=c.compute_dtype, X_pinv=X_pinv,
+                                     slope=slope, bias=bias)
+        to_sequential(new, model)
+        return True
+
+    @property
+    def lr(self) -> float:
+        """Current step size of LSTM(lr,tele) (its last proposal; ``lstm.lr_init`` before the first)."""
+        return float(self.state["lr"].reshape(-1)[0])

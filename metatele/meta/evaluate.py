@@ -1,0 +1,156 @@
+"""Evaluation of trained meta-optimisers against GD and GD with hand-designed teleport (SPEC section 6).
+
+Every method runs on exactly the same unseen initialisations (odd seeds, :func:`metatele.problems.test_seeds`)
+for the whole horizon under ``torch.no_grad`` (the public code's evaluation without it is SPEC defect 8.6).
+Records per step: ``L(w_t)`` before the update of step t, ``||grad L(w_t)||^2``, cumulative wall-clock.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..baselines import run_gd
+from ..checkpoint import CheckpointMismatch, ProblemMismatch, check_arch, load_checkpoint
+from ..config import Config, EvalConfig, config_from_dict
+from ..learned.methods import LearnedMethod
+from ..problems import is_train_seed, regression_batch, test_seeds, train_seeds
+from .trainer import DTYPES, build_method
+from .unroll import rollout
+
+__all__ = ["load_method", "trained_seeds", "evaluate", "summary_table", "steps_to_reach"]
+
+
+def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]]:
+    """Rebuild the trained method of a checkpoint; typed :mod:`metatele.checkpoint` errors on failure."""
+    ck = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(ck["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointMismatch(f"{path} holds an unusable configuration: {e}") from None
+    if list(cfg.problem.dims) != list(ck["dims"]):
+        raise ProblemMismatch(f"{path}: configuration dims {cfg.problem.dims} differ from the stored "
+                              f"dims {list(ck['dims'])}")
+    method = build_method(ck["method"], cfg)
+    check_arch(ck, method.arch(), str(path))
+    try:
+        method.load_state_dict(ck["meta_params"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointMismatch(f"{path} does not fit its meta-optimiser: {str(e).splitlines()[0][:150]}") from None
+    method.eval()
+    return method, cfg, ck
+
+
+def trained_seeds(ck: dict[str, Any]) -> list[int]:
+    """Training seeds a checkpoint has seen (from its progress and schedule)."""
+    cfg = ck["config"]["train"]
+    dist = ck.get("distributed", {"world_size": 1})
+    n = int(ck["progress"]["meta_batch"]) * int(dist.get("world_size", 1)) * int(cfg["batch"])
+    return train_seeds(n, start=int(cfg["seed_offset"]))
+
+
+def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: int | None = None,
+             eval_cfg: EvalConfig | None = None, include_baselines: bool = True,
+             progress=None) -> dict[str, Any]:
+    """Evaluate every checkpoint's method plus ``gd`` and ``gd_tele`` on the same unseen seeds.
+
+    seeds: number of evaluation initialisations (default ``eval.seeds`` of the first checkpoint's config);
+    steps: horizon (default: the longest training horizon among the checkpoints).
+    Returns the ``results.json`` dict: ``{"methods": {name: {loss_mean, loss_std, grad_norm_mean,
+    time_mean, ...}}, "eval_seeds", "train_seeds", "steps", "dims"}``.
+    """
+    loaded = [load_method(p) for p in ckpts]
+    if not loaded and eval_cfg is None:
+        raise ValueError("need at least one checkpoint or an eval configuration")
+    dims = list(loaded[0][1].problem.dims) if loaded else [20, 20, 20, 20]
+    for (m, c, _), p in zip(loaded, ckpts):
+        if list(c.problem.dims) != dims:
+            raise ProblemMismatch(f"{p} was trained on problem dims {c.problem.dims}, the first checkpoint "
+                                  f"on {dims}: they cannot be compared on the same initialisations")
+    names = [m.name for m, _, _ in loaded]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two checkpoints of the same method {dup}; pass one per method")
+    ecfg = eval_cfg or (loaded[0][1].eval if loaded else EvalConfig())
+    n_seeds = ecfg.seeds if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"seeds = {n_seeds} must be >= 1")
+    if steps is None:
+        steps = max((c.methods[m.name].steps for m, c, _ in loaded), default=100)
+    if steps < 1:
+        raise ValueError(f"steps = {steps} must be >= 1")
+    dtype = DTYPES[loaded[0][1].problem.dtype] if loaded else torch.float32
+    ev = test_seeds(n_seeds, start=ecfg.seed_offset)
+    tr = sorted({s for _, _, ck in loaded for s in trained_seeds(ck)})
+    overlap = set(ev) & set(tr)
+    if overlap or any(is_train_seed(s) for s in ev):  # impossible by construction; checked anyway
+        raise RuntimeError(f"evaluation seeds overlap training seeds: {sorted(overlap)[:5]}")
+    prob = regression_batch(dims, ev, dtype=dtype)
+    runs: dict[str, dict[str, torch.Tensor]] = {}
+    if include_baselines:
+        r = run_gd(prob.weights, prob.X, prob.Y, steps=steps, lr=ecfg.gd_lr)
+        runs["gd"] = {"loss": r.loss, "grad_norm_sq": r.grad_norm_sq, "time": r.time}
+        at = [t for t in ecfg.tele_at if t < steps]
+        r = run_gd(prob.weights, prob.X, prob.Y, steps=steps, lr=ecfg.gd_lr, teleport_at=at,
+                   teleport_kwargs={"steps": ecfg.tele_steps, "lr": ecfg.tele_lr,
+                                    "max_step_norm": ecfg.tele_max_step_norm or None})
+        runs["gd_tele"] = {"loss": r.loss, "grad_norm_sq": r.grad_norm_sq, "time": r.time}
+        if progress:
+            progress("gd, gd_tele")
+    for m, _, _ in loaded:
+        runs[m.name] = rollout(m, prob.weights, prob.X, prob.Y, steps)
+        if progress:
+            progress(m.name)
+    out = {"methods": {}, "eval_seeds": ev, "train_seeds": tr, "steps": steps, "dims": dims,
+           "checkpoints": {m.name: str(p) for (m, _, _), p in zip(loaded, ckpts)},
+           "gd_lr": ecfg.gd_lr}
+    for name, r in runs.items():
+        L = r["loss"].double()
+        entry = {"loss_mean": L.mean(0).tolist(), "loss_std": L.std(0, unbiased=False).tolist(),
+                 "loss_median": L.median(0).values.tolist(),
+                 "loss_min": L.min(0).values.tolist(), "loss_max": L.max(0).values.tolist(),
+                 "grad_norm_mean": r["grad_norm_sq"].double().mean(0).tolist(),
+                 "time_mean": r["time"].double().tolist(),
+                 "final_loss": L[:, -1].tolist()}
+        if "lr" in r and name == "lstm_lr_tele":
+            entry["lr_mean"] = r["lr"].double().mean(0).tolist()
+        out["methods"][name] = entry
+    return out
+
+
+def steps_to_reach(loss_mean: Sequence[float], threshold: float) -> int | None:
+    """First step whose mean loss is <= ``threshold`` (None if never)."""
+    for t, v in enumerate(loss_mean):
+        if math.isfinite(v) and v <= threshold:
+            return t
+    return None
+
+
+def summary_table(results: dict[str, Any], report_steps: Sequence[int], thresholds: Sequence[float]) -> str:
+    """Plain-text table: mean ± std of the loss at ``report_steps``, steps to reach each threshold and the
+    speed-up ``steps(gd) / steps(method)``."""
+    steps = results["steps"]
+    rs = [t for t in report_steps if t < steps]
+    if steps - 1 not in rs:
+        rs.append(steps - 1)
+    lines = []
+    head = f"{'method':<18}" + "".join(f"{'loss@' + str(t):>22}" for t in rs)
+    lines.append(head)
+    for name, e in results["methods"].items():
+        row = f"{name:<18}" + "".join(f"{e['loss_mean'][t]:>12.4g} ± {e['loss_std'][t]:<8.2g}" for t in rs)
+        lines.append(row)
+    lines.append("")
+    head = f"{'method':<18}" + "".join(f"{'steps to ' + format(th, 'g'):>18}{'speed-up':>10}" for th in thresholds)
+    lines.append(head)
+    gd = results["methods"].get("gd")
+    for name, e in results["methods"].items():
+        row = f"{name:<18}"
+        for th in thresholds:
+            s = steps_to_reach(e["loss_mean"], th)
+            s_gd = steps_to_reach(gd["loss_mean"], th) if gd else None
+            sp = f"{(s_gd + 1) / (s + 1):.2f}x" if (s is not None and s_gd is not None) else "-"
+            row += f"{('never' if s is None else str(s)):>18}{sp:>10}"
+        lines.append(row)
+    return "\n".join(lines)

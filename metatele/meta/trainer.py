@@ -1,0 +1,214 @@
+"""Truncated-BPTT meta-training of one learned method (P2 section 6).
+
+The four separate things (as in google/learned_optimization): the inner task
+(:mod:`metatele.problems`, seeded regression trajectories), the learned optimiser
+(:class:`~metatele.learned.LearnedMethod`), the meta-gradient estimator (:func:`~metatele.meta.unroll.run_window`
+through the ``higher`` adapter) and this outer loop.
+
+What enters the meta-loss and where the graph is cut
+----------------------------------------------------
+A meta-batch is ``train.batch`` trajectories (one batch dimension, one call per step) of
+``methods.<name>.steps`` inner steps, split into windows of ``meta.unroll`` = K steps (the last may be
+shorter). For each window starting at ``w_{t0}`` (a detached leaf):
+
+1. unroll K inner steps; meta-loss = ``sum_{j=1..K} decay^(K-j) f(L(w_{t0+j}))`` averaged over the
+   trajectories (``f``: identity = P2's sum of inner losses, or ``log``, or ratio; ``meta.meta_loss``);
+2. ``meta_loss.backward()`` (no ``retain_graph``: the window's graph is freed);
+3. ``grad_hook(params)`` (e.g. an all-reduce averaging the meta-gradients across processes);
+4. if the meta-loss or any meta-gradient is not finite: the update is skipped and counted;
+   otherwise optional clipping (``meta.grad_clip``) and one Adam step;
+5. the weights and LSTM states are detached (the graph is cut) and the next window starts.
+
+If the inner weights themselves become non-finite, the rest of the meta-batch is abandoned (counted as
+``diverged``). Meta-batch ``i`` of rank ``r`` in a world of ``n`` processes uses the training seeds with
+indices ``seed_offset + (i n + r) B ... + B - 1`` (:meth:`MetaTrainer.seeds_for`), so a run is a pure
+function of (configuration, global step, rank, world size), which is what makes resuming exact.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import check_arch, library_versions, load_checkpoint, save_checkpoint, CheckpointMismatch
+from ..config import Config, config_from_dict, config_to_dict
+from ..learned.methods import LearnedMethod, weight_shapes
+from ..problems import regression_batch, train_seeds
+from .unroll import STEPPERS, InnerState, run_window, start
+
+__all__ = ["Progress", "MetaTrainer", "build_method", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Progress:
+    """Counters of a meta-training run (all saved in checkpoints)."""
+
+    meta_batch: int = 0      # completed meta-batches (the global step)
+    trajectories: int = 0    # trajectories completed by this process
+    windows: int = 0         # truncation windows run (meta-updates attempted)
+    updates: int = 0         # meta-updates applied
+    skipped: int = 0         # meta-updates skipped: non-finite meta-loss or meta-gradient
+    diverged: int = 0        # meta-batches abandoned because the inner weights went non-finite
+    wall: float = 0.0        # seconds spent in meta-batches
+    history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
+
+
+def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedMethod:
+    """Construct the LSTMs of ``name`` for ``cfg.problem.dims`` with parameters drawn from ``seed``
+    (default ``cfg.train.seed``) without touching the global RNG of the caller."""
+    seed = cfg.train.seed if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport)
+    return m.to(DTYPES[cfg.problem.dtype])
+
+
+class MetaTrainer:
+    """Meta-trains ``method_name`` with configuration ``cfg``.
+
+    rank, world_size: this process's place among data-parallel meta-trainers (seeds are split by them).
+    grad_hook: called as ``grad_hook(list_of_meta_parameters)`` between ``backward()`` and the
+      finiteness check and Adam step; the place for ``torch.distributed.all_reduce`` of ``p.grad``.
+    stepper: ``"higher"`` (default) or ``"autograd"`` (plain-tensor reference, same numbers).
+    """
+
+    def __init__(self, method_name: str, cfg: Config, *, rank: int = 0, world_size: int = 1,
+                 grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None,
+                 stepper: str = "higher"):
+        if method_name not in cfg.methods:
+            raise ValueError(f"method {method_name!r} has no [methods.{method_name}] counts; "
+                             f"configured: {sorted(cfg.methods)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if stepper not in ("higher", "autograd"):
+            raise ValueError(f"stepper {stepper!r}; allowed: ['higher', 'autograd']")
+        self.name, self.cfg = method_name, cfg
+        self.rank, self.world_size = rank, world_size
+        self.grad_hook = grad_hook
+        self.stepper_kind = stepper
+        self.device = torch.device(cfg.train.device)
+        self.dtype = DTYPES[cfg.problem.dtype]
+        self.method = build_method(method_name, cfg).to(self.device)
+        self.opt = torch.optim.Adam(self.method.param_groups(cfg.meta))
+        self.progress = Progress()
+        self.counts = cfg.methods[method_name]
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def n_meta_batches(self) -> int:
+        per = self.cfg.train.batch * self.world_size
+        return math.ceil(self.counts.trajectories / per)
+
+    def seeds_for(self, meta_batch: int) -> list[int]:
+        """Training seeds of meta-batch ``meta_batch`` on this rank (disjoint across ranks and steps)."""
+        B = self.cfg.train.batch
+        first = self.cfg.train.seed_offset + (meta_batch * self.world_size + self.rank) * B
+        return train_seeds(B, start=first)
+
+    # ------------------------------------------------------------------ one meta-batch
+    def _meta_update(self, meta_loss: torch.Tensor) -> bool:
+        """Backward, hook, finiteness check, clip, Adam step. Returns True if the update was applied."""
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.opt.zero_grad(set_to_none=True)
+        self.progress.windows += 1
+        if not torch.isfinite(meta_loss):
+            self.progress.skipped += 1
+            return False
+        meta_loss.backward()
+        if self.grad_hook is not None:
+            self.grad_hook(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            self.opt.zero_grad(set_to_none=True)
+            self.progress.skipped += 1
+            return False
+        if self.cfg.meta.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.meta.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.progress.updates += 1
+        return True
+
+    def run_meta_batch(self, meta_batch: int | None = None,
+                       on_window: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Meta-train on one meta-batch of trajectories (default: the next one) and advance progress."""
+        i = self.progress.meta_batch if meta_batch is None else meta_batch
+        seeds = self.seeds_for(i)
+        prob = regression_batch(self.cfg.problem.dims, seeds, dtype=self.dtype, device=self.device)
+        stepper = STEPPERS[self.stepper_kind](len(prob.weights), first_order=self.cfg.meta.first_order)
+        s: InnerState = start(self.method, prob.weights, prob.X, prob.Y)
+        steps, K = self.counts.steps, self.cfg.meta.unroll
+        t_begin = time.perf_counter()
+        metas, diverged = [], False
+        while s.t < steps:
+            k = min(K, steps - s.t)
+            s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
+                                      decay=self.cfg.meta.decay)
+            applied = self._meta_update(meta)
+            m = float(meta.detach()) / k
+            if math.isfinite(m):
+                metas.append(m)
+            s = s.cut()
+            info = {"meta_batch": i, "t": s.t, "meta_loss": m, "applied": applied,
+                    "inner_loss": float(rec[-1].mean())}
+            if on_window is not None:
+                on_window(info)
+            if not all(bool(torch.isfinite(w).all()) for w in s.weights):
+                diverged = True
+                break
+        self.progress.meta_batch = i + 1
+        self.progress.trajectories += len(seeds)
+        self.progress.diverged += int(diverged)
+        self.progress.wall += time.perf_counter() - t_begin
+        mean = sum(metas) / len(metas) if metas else float("nan")
+        self.progress.history.append(mean)
+        return {"meta_batch": i, "meta_loss": mean, "diverged": diverged, "seeds": seeds}
+
+    # ------------------------------------------------------------------ checkpoints
+    def payload(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (deep copies, safe to keep while training goes on)."""
+        return {
+            "method": self.name,
+            "arch": self.method.arch(),
+            "dims": list(self.cfg.problem.dims),
+            "config": config_to_dict(self.cfg),
+            "meta_params": copy.deepcopy(self.method.state_dict()),
+            "meta_optim": copy.deepcopy(self.opt.state_dict()),
+            "progress": asdict(copy.deepcopy(self.progress)),
+            "distributed": {"rank": self.rank, "world_size": self.world_size},
+            "rng": torch.get_rng_state(),
+            "versions": library_versions(),
+        }
+
+    def save(self, path, payload: dict[str, Any] | None = None):
+        return save_checkpoint(path, self.payload() if payload is None else payload)
+
+    def load_payload(self, ck: dict[str, Any], path: str = "checkpoint") -> None:
+        check_arch(ck, self.method.arch(), path)
+        try:
+            self.method.load_state_dict(ck["meta_params"])
+            if ck.get("meta_optim") is not None:
+                self.opt.load_state_dict(ck["meta_optim"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointMismatch(f"{path} does not fit this meta-optimiser: "
+                                     f"{str(e).splitlines()[0][:150]}") from None
+        self.progress = Progress(**ck["progress"])
+
+    @classmethod
+    def resume(cls, path, *, trajectories: int | None = None, **kwargs) -> "MetaTrainer":
+        """Rebuild a trainer from a checkpoint (its own configuration), optionally with more trajectories."""
+        ck = load_checkpoint(path)
+        cfg = config_from_dict(ck["config"])
+        if trajectories is not None:
+            cfg.methods[ck["method"]].trajectories = int(trajectories)
+            cfg.validate()
+        tr = cls(ck["method"], cfg, **kwargs)
+        tr.load_payload(ck, str(path))
+        return tr

@@ -1,0 +1,174 @@
+"""The unroller: inner optimisation steps of a :class:`~metatele.learned.LearnedMethod` on a batch of
+trajectories, window by window (P2 section 6, truncated BPTT).
+
+One inner step ``t`` on weights ``w_t`` (``W_i (B, out, in)``, ``B`` trajectories at once):
+
+* ``teleport.order = "update_then_teleport"`` (P2): ``g_t = dL/dw (w_t)``;
+  ``w' = update(w_t, g_t)``; if ``t % every == 0``: ``T = TeleportLSTM(g_t)``, ``w_{t+1} = g(T) . w'``.
+* ``teleport.order = "teleport_then_update"``: ``g_t = dL/dw (w_t)``; ``T = TeleportLSTM(g_t)``,
+  ``w' = g(T) . w_t``; ``g' = dL/dw (w')``; ``w_{t+1} = update(w', g')`` (one extra gradient).
+
+``update`` is ``w - UpdateLSTM(g)`` or ``w - lr_t g`` (LSTM(lr,tele), ``lr_t`` proposed at step t-1,
+``lstm.lr_init`` at step 0). The recorded loss of step ``t`` is ``L(w_t)``, before the step.
+
+Meta-loss of the window of steps ``t0 .. t0+K-1`` (``w_{t0}`` is a detached leaf): the weighted sum
+``sum_{j=1..K} decay^(K-j) f(L(w_{t0+j}))`` averaged over trajectories, i.e. the losses *after* each
+update of the window (every term depends on the LSTMs), with ``f`` the identity (P2's sum), ``log`` or
+``L / L(w_{t0})`` (``meta.meta_loss``). The graph is cut after the window (:meth:`Unroller.cut`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ..learned.methods import LearnedMethod
+from ..learned.teleport import action_dtype
+from ..nets import mse_loss
+from .higher_adapter import AutogradStepper, HigherStepper, NoGradStepper
+
+__all__ = ["InnerState", "start", "inner_step", "window_meta_loss", "run_window", "rollout", "STEPPERS"]
+
+STEPPERS = {"higher": HigherStepper, "autograd": AutogradStepper, "nograd": NoGradStepper}
+
+
+@dataclass
+class InnerState:
+    """Everything one batch of trajectories carries between inner steps.
+
+    weights: ``W_i (B, out, in)``; X ``(B, d_in, b)``; Y ``(B, d_out, b)``; X_pinv ``(B, b, d_in)`` in the
+    teleport's compute dtype; lstm: the method's recurrent state; t: index of the next inner step.
+    """
+
+    weights: tuple[Tensor, ...]
+    X: Tensor
+    Y: Tensor
+    X_pinv: Tensor | None
+    lstm: dict[str, Any]
+    t: int = 0
+
+    def cut(self, requires_grad: bool = True) -> "InnerState":
+        """Truncation boundary: detach weights and recurrent state (no graph crosses it)."""
+        w = tuple(x.detach().requires_grad_(requires_grad) for x in self.weights)
+        return InnerState(w, self.X, self.Y, self.X_pinv, LearnedMethod.detach_state(self.lstm), self.t)
+
+
+def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
+          requires_grad: bool = True) -> InnerState:
+    """Initial inner state of ``B = X.shape[0]`` trajectories (zero LSTM state, cached ``X^+``)."""
+    B = X.shape[0]
+    dt = weights[0].dtype
+    X_pinv = None
+    if method.learn_tele:
+        X_pinv = torch.linalg.pinv(X.to(action_dtype(dt, method.tele_cfg.compute_dtype)))
+    p = next(method.parameters())
+    st = method.init_state(B, dtype=p.dtype, device=X.device)
+    st["lr"] = st["lr"].to(dt)
+    w = tuple(x.detach().clone().requires_grad_(requires_grad) for x in weights)
+    return InnerState(w, X, Y, X_pinv, st, 0)
+
+
+def inner_step(method: LearnedMethod, s: InnerState, stepper) -> tuple[InnerState, Tensor, Tensor]:
+    """One inner step (see the module docstring).
+
+    Returns ``(new state, L(w_t) (B,) with its graph, ||g_t||^2 (B,) detached)``.
+    """
+    c = method.tele_cfg
+    X, Y = s.X, s.Y
+
+    def lf(w):
+        return mse_loss(w, X, Y)
+
+    holder = {"lstm": s.lstm}
+
+    def rule(w, g):
+        new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
+        return new
+
+    do_tele = method.learn_tele and s.t % c.every == 0
+    if do_tele and c.order == "teleport_then_update":
+        loss, g = stepper.grad(s.weights, lf)
+        Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
+        w = method.teleport(s.weights, X, Ts, s.X_pinv)
+        _, new, _ = stepper.step(w, lf, rule)
+    else:
+        loss, new, g = stepper.step(s.weights, lf, rule)
+        if do_tele:
+            Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
+            new = method.teleport(new, X, Ts, s.X_pinv)
+    gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
+    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1), loss, gn
+
+
+def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "sum",
+                     decay: float = 1.0) -> Tensor:
+    """Meta-loss of one window from the post-update losses ``losses[j] = L(w_{t0+j+1}) (B,)``.
+
+    ``sum_j decay^(K-1-j) f(losses[j])``, mean over the ``B`` trajectories; ``f`` by ``kind``:
+    ``"sum"`` identity (P2), ``"log"`` natural log, ``"mean_ratio"`` ``L / start_loss`` (detached).
+    """
+    K = len(losses)
+    terms = []
+    for j, L in enumerate(losses):
+        if kind == "sum":
+            f = L
+        elif kind == "log":
+            f = torch.log(L)
+        elif kind == "mean_ratio":
+            f = L / start_loss.detach()
+        else:
+            raise ValueError(f"meta_loss kind {kind!r}; allowed: ['sum', 'log', 'mean_ratio']")
+        terms.append(decay ** (K - 1 - j) * f)
+    return torch.stack(terms).sum(0).mean()
+
+
+def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: str = "sum",
+               decay: float = 1.0) -> tuple[InnerState, Tensor, Tensor]:
+    """Unroll ``K`` inner steps from ``s`` (whose weights should be detached leaves, see ``cut``).
+
+    Returns ``(state after the window (graph attached), meta-loss (scalar, graph attached),
+    recorded losses L(w_t) (K, B) detached)``. The meta-loss terms are ``L(w_{t0+1}), ..., L(w_{t0+K})``:
+    the first ``K - 1`` are the losses the inner steps computed anyway, the last one is one extra
+    forward of the network at the window's end.
+    """
+    if K < 1:
+        raise ValueError(f"window length K = {K} must be >= 1")
+    recorded, post = [], []
+    start_loss = None
+    for j in range(K):
+        s, loss_t, _ = inner_step(method, s, stepper)
+        recorded.append(loss_t.detach())
+        if j == 0:
+            start_loss = loss_t.detach()
+        else:
+            post.append(loss_t)
+    post.append(mse_loss(s.weights, s.X, s.Y))
+    meta = window_meta_loss(post, start_loss, kind, decay)
+    return s, meta, torch.stack(recorded)
+
+
+def rollout(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, steps: int
+            ) -> dict[str, Tensor]:
+    """Evaluate ``method`` for ``steps`` inner steps under ``torch.no_grad`` (whole horizon, no graph).
+
+    Returns ``loss (B, steps)`` (``L(w_t)`` before step t), ``grad_norm_sq (B, steps)``, ``time (steps,)``
+    (cumulative seconds after each step) and ``lr (B, steps)`` (step size used, LSTM(lr,tele) only).
+    """
+    if steps < 1:
+        raise ValueError(f"steps = {steps} must be >= 1")
+    stepper = NoGradStepper()
+    with torch.no_grad():
+        s = start(method, weights, X, Y, requires_grad=False)
+        losses, gns, times, lrs = [], [], [], []
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            lrs.append(s.lstm["lr"].detach().clone())
+            s, loss, gn = inner_step(method, s, stepper)
+            losses.append(loss)
+            gns.append(gn)
+            times.append(time.perf_counter() - t0)
+    return {"loss": torch.stack(losses, 1), "grad_norm_sq": torch.stack(gns, 1),
+            "time": torch.tensor(times, dtype=torch.float64), "lr": torch.stack(lrs, 1)}

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Meta-train P2's learned optimisers (SPEC section 6) and write one checkpoint per method.
+
+    python train_meta.py                                  # configs/default.toml, all three methods
+    python train_meta.py --config configs/paper.toml      # the paper's counts
+    python train_meta.py --method lstm_lr_tele --trajectories 8 --steps 50 --batch 4
+    python train_meta.py --resume checkpoints/lstm_update.pt
+
+Checkpoints go to ``<out>/<method>.pt`` (``--out``, default ``train.out`` = ``checkpoints``), every
+``train.save_every`` meta-batches, at the end, and on Ctrl-C (the state at the last completed
+meta-batch, so ``--resume`` continues exactly as an uninterrupted run would). A non-finite meta-loss or
+meta-gradient skips that meta-update (counted and printed at the end). Exit codes: 0 done, 2 bad
+configuration or checkpoint, 130 interrupted (after saving).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="TOML configuration (default: configs/default.toml)")
+    ap.add_argument("--method", action="append", default=None,
+                    help="lstm_update_tele, lstm_update or lstm_lr_tele; repeatable (default: all three)")
+    ap.add_argument("--trajectories", type=int, default=None, help="training trajectories per method")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps per trajectory")
+    ap.add_argument("--unroll", type=int, default=None, help="truncation window K")
+    ap.add_argument("--batch", type=int, default=None, help="initialisations per meta-batch")
+    ap.add_argument("--seed", type=int, default=None, help="seed of the meta-optimisers' initialisation")
+    ap.add_argument("--device", default=None, help="cpu or cuda")
+    ap.add_argument("--out", default=None, help="checkpoint folder")
+    ap.add_argument("--resume", action="append", default=None, metavar="CKPT",
+                    help="continue the run saved in CKPT (repeatable); its own configuration is used")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return ap.parse_args(argv)
+
+
+def _fail(msg: str) -> int:
+    print(f"train_meta.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def build_config(args):
+    from metatele.config import METHODS, load_config
+
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg = load_config(path)
+    methods = args.method or [m for m in METHODS if m in cfg.methods]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"--method {m!r} is not a learned method; allowed: {list(METHODS)}")
+    for m in methods:
+        if args.trajectories is not None:
+            cfg.methods[m].trajectories = args.trajectories
+        if args.steps is not None:
+            cfg.methods[m].steps = args.steps
+    if args.unroll is not None:
+        cfg.meta.unroll = args.unroll
+    if args.batch is not None:
+        cfg.train.batch = args.batch
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.out is not None:
+        cfg.train.out = args.out
+    return cfg.validate(), methods
+
+
+def train_one(trainer, path: Path, show_progress: bool) -> tuple[bool, dict]:
+    """Train until done; returns (interrupted, summary)."""
+    from tqdm import tqdm
+
+    total = trainer.n_meta_batches
+    bar = tqdm(total=total, initial=trainer.progress.meta_batch, desc=trainer.name, unit="batch",
+               disable=not show_progress, dynamic_ncols=True)
+    ema = None
+    snapshot = trainer.payload()
+    interrupted = False
+    try:
+        while trainer.progress.meta_batch < total:
+            snapshot = trainer.payload()
+            r = trainer.run_meta_batch()
+            m = r["meta_loss"]
+            if math.isfinite(m):
+                ema = m if ema is None else 0.9 * ema + 0.1 * m
+            bar.set_postfix(meta_loss=f"{ema:.4g}" if ema is not None else "nan",
+                            skipped=trainer.progress.skipped)
+            bar.update(1)
+            if trainer.progress.meta_batch % trainer.cfg.train.save_every == 0:
+                trainer.save(path)
+        trainer.save(path)
+    except KeyboardInterrupt:
+        interrupted = True
+        trainer.save(path, snapshot)  # state at the last completed meta-batch
+    finally:
+        bar.close()
+    p = trainer.progress
+    return interrupted, {"method": trainer.name, "meta_batches": p.meta_batch, "trajectories": p.trajectories,
+                         "updates": p.updates, "skipped": p.skipped, "diverged": p.diverged,
+                         "wall_s": round(p.wall, 2), "final_meta_loss": p.history[-1] if p.history else None}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from metatele.checkpoint import CheckpointError
+    from metatele.meta import MetaTrainer
+
+    jobs = []  # (trainer, path)
+    try:
+        if args.resume:
+            for ck in args.resume:
+                tr = MetaTrainer.resume(ck, trajectories=args.trajectories)
+                jobs.append((tr, Path(ck)))
+        else:
+            cfg, methods = build_config(args)
+            out = Path(cfg.train.out)
+            for m in methods:
+                if m not in cfg.methods:
+                    raise ValueError(f"method {m!r} has no [methods.{m}] table in the configuration")
+                jobs.append((MetaTrainer(m, cfg), out / f"{m}.pt"))
+    except CheckpointError as e:
+        return _fail(str(e))
+    except ValueError as e:
+        return _fail(str(e))
+    t0 = time.perf_counter()
+    for tr, path in jobs:
+        interrupted, summ = train_one(tr, path, not args.no_progress)
+        print(f"{summ['method']}: {summ['meta_batches']} meta-batches, {summ['trajectories']} trajectories, "
+              f"{summ['updates']} meta-updates, {summ['skipped']} skipped (non-finite), {summ['diverged']} "
+              f"diverged, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
+        if interrupted:
+            print(f"interrupted: saved {path} at meta-batch {summ['meta_batches']}; continue with "
+                  f"--resume {path}", file=sys.stderr)
+            return 130
+    print(f"total wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
