@@ -10,7 +10,7 @@ from .nets import forward, from_sequential, to_sequential
 from .objectives import curvature, curve_curvature, curve_derivatives, grad_norm_sq, sharpness
 from .problems import regression_batch, test_seeds, train_seeds
 from .symmetry import exactness, group_element, transform
-from .teleport import TeleportReport, random_teleport, teleport, teleport_weights
+from .teleport import TeleportReport, random_teleport, random_teleport_model, teleport, teleport_weights
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,5 @@ __all__ = [
     "curvature", "curve_curvature", "curve_derivatives", "grad_norm_sq", "sharpness",
     "regression_batch", "test_seeds", "train_seeds",
     "exactness", "group_element", "transform",
-    "TeleportReport", "random_teleport", "teleport", "teleport_weights",
+    "TeleportReport", "random_teleport", "random_teleport_model", "teleport", "teleport_weights",
 ]

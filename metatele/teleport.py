@@ -25,7 +25,7 @@ from .objectives import make_objective
 from .symmetry.actions import ACTIONS, Exactness, exactness, transform
 from .symmetry.group import PARAMETRISATIONS, group_element, identity_like, normalise
 
-__all__ = ["TeleportReport", "teleport_weights", "random_teleport", "teleport"]
+__all__ = ["TeleportReport", "teleport_weights", "random_teleport", "random_teleport_model", "teleport"]
 
 
 @dataclass
@@ -281,5 +281,27 @@ def teleport(model: nn.Module, inputs: Tensor, targets: Tensor, *, objective: st
                                    lr=lr, cap=cap, action=action, param=param, slope=slope, bias=bias,
                                    objective_kwargs=objective_kwargs, generator=generator,
                                    require_exact=require_exact)
+    to_sequential(new, model)
+    return report
+
+
+def random_teleport_model(model: nn.Module, inputs: Tensor, targets: Tensor | None = None, *,
+                          magnitude: float = 0.01, loss: str = "mse", action: str = "inverse",
+                          param: str = "I+T", directions: str = "gaussian",
+                          generator: torch.Generator | None = None) -> TeleportReport:
+    """:func:`random_teleport` for an ``nn.Sequential`` of ``nn.Linear`` and ``nn.LeakyReLU``, in place.
+
+    ``inputs (batch, features)`` define the data-dependent action; ``targets`` (optional, as in
+    :func:`teleport`) only serve to report the loss before and after.
+    """
+    W, slope, bias = from_sequential(model)
+    if targets is None:
+        if inputs.dim() < 2:
+            raise ValueError(f"inputs must be (batch, features...), got shape {tuple(inputs.shape)}")
+        X, Y = inputs.reshape(inputs.shape[0], -1).to(dtype=W[0].dtype, device=W[0].device).T, None
+    else:
+        X, Y = _module_data(inputs, targets, loss, W[0].dtype, W[0].device)
+    new, report = random_teleport(W, X, Y, magnitude=magnitude, loss=loss, action=action, param=param,
+                                  directions=directions, slope=slope, bias=bias, generator=generator)
     to_sequential(new, model)
     return report

@@ -138,3 +138,13 @@ def test_gd_baselines_batched_and_teleport_schedule():
     assert bool((rt.grad_norm_sq[:, 5] > r.grad_norm_sq[:, 5]).all())  # teleport raised the gradient norm
     with pytest.raises(ValueError, match="outside"):
         run_gd(b.weights, b.X, b.Y, steps=5, lr=1e-4, teleport_at=[9])
+
+
+def test_random_teleport_model_in_place():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 4, dtype=DT), torch.randn(5, 2, dtype=DT)
+    out0, w0 = model(x).detach(), model[0].weight.detach().clone()
+    rep = metatele.random_teleport_model(model, x, y, magnitude=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model(x), out0, atol=1e-10) and not torch.allclose(model[0].weight, w0)
+    assert float(rep.loss_rel_change) < 1e-10
