@@ -1,0 +1,152 @@
+"""metatele.learned: LSTM meta-optimisers, preprocessing, the learned teleport and LearnedOptimizer."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from _meta_tiny import tiny_config
+from metatele.checkpoint import ProblemMismatch
+from metatele.config import LSTMConfig, TeleportConfig
+from metatele.learned import (CoordinateUpdateLSTM, LearnedMethod, LearnedOptimizer, LrTeleportLSTM,
+                              TeleportLSTM, UpdateLSTM, preprocess, weight_shapes)
+from metatele.meta import MetaTrainer
+from metatele.nets import from_sequential, mse_loss
+from metatele.problems import regression_batch, test_seeds
+
+
+def _g(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 1e3
+
+
+def test_update_lstm_smoke_paper_sizes():
+    torch.manual_seed(0)
+    net = UpdateLSTM()  # paper: 800 -> 300 -> 800
+    st = net.init_state(3)
+    u, st2 = net(_g(3, 800), st)
+    assert u.shape == (3, 800) and st2[0][0].shape == (3, 300) and torch.isfinite(u).all()
+
+
+def test_coordinatewise_update_lstm_any_size():
+    net = CoordinateUpdateLSTM(hidden=5)
+    for P in (7, 33):
+        st = net.init_state(2, n_params=P)
+        u, st = net(_g(2, P), st)
+        assert u.shape == (2, P) and st[1][0].shape == (2 * P, 5)
+    # coordinatewise: permuting coordinates permutes the update
+    g = _g(1, 10)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
+    u1, _ = net(g, net.init_state(1, n_params=10))
+    u2, _ = net(g[:, perm], net.init_state(1, n_params=10))
+    torch.testing.assert_close(u1[:, perm], u2)
+
+
+def test_teleport_lstm_magnitude():
+    net = TeleportLSTM(n_in=800, k=20, hidden=300, magnitude=0.01)
+    T, st = net(_g(4, 800), net.init_state(4))
+    assert T.shape == (4, 20, 20)
+    torch.testing.assert_close(torch.linalg.matrix_norm(T), torch.full((4,), 0.01))
+
+
+@pytest.mark.parametrize("param", ["clamp", "log_sigmoid"])
+def test_lr_teleport_lstm_range(param):
+    net = LrTeleportLSTM(n_in=800, k=20, hidden=20, lr_param=param, lr_init=3e-4)
+    T, lr, st = net(_g(5, 800), net.init_state(5))
+    assert T.shape == (5, 20, 20) and lr.shape == (5,)
+    assert bool(((lr >= 1e-7) & (lr <= 5e-3)).all())
+    if param == "log_sigmoid":  # untrained LSTM starts near lr_init, and the lr head has gradients
+        h = torch.zeros(1, 20)
+        assert math.isclose(float(net.step_size(h).detach()), 3e-4, rel_tol=1e-4)
+        lr.sum().backward()
+        assert net.lr_head.bias.grad.abs().item() > 0
+
+
+def test_log_sign_preprocessing_matches_formula():
+    g = torch.tensor([[3.0, -1e-6, 0.0, -200.0, 1e-5]])
+    x = preprocess(g, "log_sign", p=10.0)
+    assert x.shape == (1, 10)
+    for i, v in enumerate(g[0].tolist()):
+        if abs(v) >= math.exp(-10):
+            exp1, exp2 = math.log(abs(v)) / 10, math.copysign(1.0, v) if v != 0 else 0.0
+        else:
+            exp1, exp2 = -1.0, v * math.exp(10)
+        assert math.isclose(float(x[0, i]), exp1, rel_tol=1e-5, abs_tol=1e-7)
+        assert math.isclose(float(x[0, 5 + i]), exp2, rel_tol=1e-5, abs_tol=1e-7)
+
+
+@pytest.mark.parametrize("param", ["I+T", "exp"])
+def test_exact_learned_teleport_keeps_loss_float32(param):
+    """Paper problem, 20 seeds, float32: the exact action keeps the loss to 1e-6 relative."""
+    prob = regression_batch([20, 20, 20, 20], test_seeds(20))
+    torch.manual_seed(0)
+    m = LearnedMethod("lstm_update_tele", weight_shapes(prob.dims), LSTMConfig(tele_hidden=16),
+                      TeleportConfig(param=param))
+    W = tuple(w.requires_grad_() for w in prob.weights)
+    L0 = mse_loss(W, prob.X, prob.Y)
+    g = torch.autograd.grad(L0.sum(), W)
+    with torch.no_grad():
+        Ts, _ = m.propose_teleport(g, m.init_state(20))
+        W2 = m.teleport(prob.weights, prob.X, Ts, torch.linalg.pinv(prob.X.double()))
+        L1 = mse_loss(W2, prob.X, prob.Y)
+    assert W2[0].dtype == torch.float32
+    assert not torch.allclose(W2[0], prob.weights[0])
+    rel = ((L1.double() - L0.detach().double()).abs() / L0.detach().double()).max()
+    assert rel < 1e-6, rel
+
+
+def test_linearised_action_is_first_order_only():
+    prob = regression_batch([20, 20, 20, 20], test_seeds(4), dtype=torch.float64)
+    m = LearnedMethod("lstm_update_tele", weight_shapes(prob.dims), LSTMConfig(tele_hidden=8),
+                      TeleportConfig(action="linearised", magnitude=0.1))
+    T = torch.randn(4, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    T = 0.1 * T / torch.linalg.matrix_norm(T)[:, None, None]
+    L0 = mse_loss(prob.weights, prob.X, prob.Y)
+    L_lin = mse_loss(m.teleport(prob.weights, prob.X, [T]), prob.X, prob.Y)
+    m.tele_cfg.action = "inverse"
+    L_ex = mse_loss(m.teleport(prob.weights, prob.X, [T]), prob.X, prob.Y)
+    assert ((L_ex - L0).abs() / L0).max() < 1e-10
+    assert ((L_lin - L0).abs() / L0).max() > 1e-6
+
+
+def _tiny_ckpt(tmp_path, method):
+    cfg = tiny_config()
+    tr = MetaTrainer(method, cfg)
+    tr.run_meta_batch()
+    path = tmp_path / f"{method}.pt"
+    tr.save(path)
+    return path, tr
+
+
+@pytest.mark.parametrize("method", ["lstm_update_tele", "lstm_lr_tele"])
+def test_learned_optimizer_on_sequential(tmp_path, method):
+    path, tr = _tiny_ckpt(tmp_path, method)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.LeakyReLU(0.1), nn.Linear(4, 3, bias=False))
+    xb, yb = torch.rand(4, 5), torch.rand(4, 3)
+    opt = LearnedOptimizer.from_checkpoint(path, model.parameters())
+    # reference: the method's own update on explicit tensors
+    W0, _, _ = from_sequential(model)
+    loss = 0.5 * (model(xb) - yb).pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    grads = tuple(p.grad.detach().unsqueeze(0) for p in model.parameters())
+    with torch.no_grad():
+        ref, _ = opt.method.propose_update(tuple(w.unsqueeze(0) for w in W0), grads,
+                                           opt.method.init_state(1))
+    opt.step()
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.detach(), r[0])
+    before = model(xb).detach()
+    assert opt.teleport(model, xb) is True
+    after = model(xb).detach()
+    W1, _, _ = from_sequential(model)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)   # exact action: same outputs
+    # the weights did move
+    assert not torch.allclose(W1[1], ref[1][0])
+
+
+def test_learned_optimizer_rejects_other_problem_size(tmp_path):
+    path, _ = _tiny_ckpt(tmp_path, "lstm_update")
+    model = nn.Sequential(nn.Linear(6, 4, bias=False), nn.LeakyReLU(0.1), nn.Linear(4, 3, bias=False))
+    with pytest.raises(ProblemMismatch, match="shapes"):
+        LearnedOptimizer.from_checkpoint(path, model.parameters())

@@ -1,0 +1,216 @@
+"""metatele.meta: the higher unroll against a plain-tensor reference and finite differences, graph cuts
+between truncation windows, resume, seeds, non-finite meta-updates, evaluation."""
+import weakref
+
+import pytest
+import torch
+
+from _meta_tiny import tiny_config
+from metatele.config import METHODS, load_config
+from metatele.meta import AutogradStepper, HigherStepper, MetaTrainer, build_method, run_window, start
+from metatele.meta.evaluate import evaluate, summary_table
+from metatele.meta.unroll import rollout, window_meta_loss
+from metatele.problems import is_test_seed, regression_batch, train_seeds
+
+
+def _meta_grads(method, prob, stepper_cls, first_order, K=4, windows=2, kind="sum"):
+    """Meta-losses and meta-gradients of ``windows`` consecutive windows (graph cut in between)."""
+    stepper = stepper_cls(len(prob.weights), first_order=first_order)
+    s = start(method, prob.weights, prob.X, prob.Y)
+    losses, grads = [], []
+    for _ in range(windows):
+        s, meta, rec = run_window(method, s, K, stepper, kind=kind)
+        g = torch.autograd.grad(meta, list(method.parameters()), allow_unused=True)
+        losses.append(meta.detach())
+        grads.append([torch.zeros_like(p) if x is None else x for x, p in zip(g, method.parameters())])
+        s = s.cut()
+    return losses, grads, s
+
+
+@pytest.mark.parametrize("method_name", METHODS)
+@pytest.mark.parametrize("first_order", [True, False])
+def test_higher_unroll_equals_reference(method_name, first_order):
+    cfg = tiny_config(problem__dtype="float64", teleport__order="update_then_teleport")
+    m = build_method(method_name, cfg)
+    prob = regression_batch(cfg.problem.dims, train_seeds(3), dtype=torch.float64)
+    L_h, G_h, s_h = _meta_grads(m, prob, HigherStepper, first_order)
+    L_r, G_r, s_r = _meta_grads(m, prob, AutogradStepper, first_order)
+    for a, b in zip(L_h, L_r):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for ga, gb in zip(G_h, G_r):
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
+    for a, b in zip(s_h.weights, s_r.weights):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_teleport_then_update_order_runs_and_matches_reference():
+    cfg = tiny_config(problem__dtype="float64", teleport__order="teleport_then_update")
+    m = build_method("lstm_update_tele", cfg)
+    prob = regression_batch(cfg.problem.dims, train_seeds(2), dtype=torch.float64)
+    L_h, G_h, _ = _meta_grads(m, prob, HigherStepper, False, windows=1)
+    L_r, G_r, _ = _meta_grads(m, prob, AutogradStepper, False, windows=1)
+    torch.testing.assert_close(L_h[0], L_r[0])
+    for x, y in zip(G_h[0], G_r[0]):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("method_name", METHODS)
+def test_meta_gradient_finite_differences(method_name):
+    """Second-order meta-gradient through the higher unroll = central differences of the meta-loss."""
+    cfg = tiny_config(problem__dtype="float64")
+    m = build_method(method_name, cfg)
+    prob = regression_batch(cfg.problem.dims, train_seeds(2), dtype=torch.float64)
+    params = list(m.parameters())
+    gen = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+    def meta_loss():
+        s = start(m, prob.weights, prob.X, prob.Y)
+        s, meta, _ = run_window(m, s, 4, HigherStepper(2, first_order=False))
+        return meta
+
+    g = torch.autograd.grad(meta_loss(), params, allow_unused=True)
+    analytic = sum(float((x * d).sum()) for x, d in zip(g, v) if x is not None)
+    eps = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.add_(eps * d)
+    f_plus = float(meta_loss().detach())
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.sub_(2 * eps * d)
+    f_minus = float(meta_loss().detach())
+    with torch.no_grad():
+        for p, d in zip(params, v):
+            p.add_(eps * d)
+    fd = (f_plus - f_minus) / (2 * eps)
+    assert abs(analytic - fd) <= 1e-5 * max(1.0, abs(fd)), (analytic, fd)
+
+
+def _graph_size(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        stack.extend(f for f, _ in n.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("method_name", ["lstm_update_tele", "lstm_lr_tele"])
+def test_graph_and_memory_do_not_grow_across_windows(method_name):
+    cfg = tiny_config()
+    m = build_method(method_name, cfg)
+    prob = regression_batch(cfg.problem.dims, train_seeds(2))
+    stepper = HigherStepper(2, first_order=True)
+    s = start(m, prob.weights, prob.X, prob.Y)
+    sizes, refs = [], []
+    for w in range(8):
+        s, meta, _ = run_window(m, s, 3, stepper)
+        sizes.append(_graph_size(meta))
+        refs.append(weakref.ref(meta))
+        meta.backward()
+        del meta
+        s = s.cut()
+        assert all(x.grad_fn is None for x in s.weights)
+        assert all(h.grad_fn is None and c.grad_fn is None for st in (s.lstm["tele"] or []) for h, c in st)
+    assert len(set(sizes)) == 1, sizes          # every window's graph has the same size
+    assert all(r() is None for r in refs[:-1])  # earlier windows' graphs were freed
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    cfg = tiny_config()
+    cfg.methods["lstm_update_tele"].trajectories = 8  # 4 meta-batches of 2
+    a = MetaTrainer("lstm_update_tele", cfg)
+    for _ in range(4):
+        a.run_meta_batch()
+    b = MetaTrainer("lstm_update_tele", cfg)
+    for _ in range(2):
+        b.run_meta_batch()
+    b.save(tmp_path / "ck.pt")
+    del b
+    c = MetaTrainer.resume(tmp_path / "ck.pt")
+    assert c.progress.meta_batch == 2
+    for _ in range(2):
+        c.run_meta_batch()
+    for (k, x), (_, y) in zip(a.method.state_dict().items(), c.method.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert a.progress.history == c.progress.history
+
+
+def test_seed_schedule_is_disjoint_across_ranks_and_steps():
+    cfg = tiny_config()
+    seen = []
+    for r in range(3):
+        tr = MetaTrainer("lstm_lr_tele", cfg, rank=r, world_size=3)
+        for i in range(4):
+            seen += tr.seeds_for(i)
+    assert len(seen) == len(set(seen))
+    assert all(s % 2 == 0 for s in seen)
+
+
+def test_non_finite_meta_gradient_is_skipped():
+    cfg = tiny_config()
+
+    def poison(params):
+        params[0].grad.fill_(float("nan"))
+
+    tr = MetaTrainer("lstm_update", cfg, grad_hook=poison)
+    before = {k: v.clone() for k, v in tr.method.state_dict().items()}
+    tr.run_meta_batch()
+    assert tr.progress.skipped == tr.progress.windows == 2 and tr.progress.updates == 0
+    for k, v in tr.method.state_dict().items():
+        assert torch.equal(v, before[k])
+        assert torch.isfinite(v).all()
+
+
+def test_window_meta_loss_kinds():
+    L = [torch.tensor([4.0, 2.0]), torch.tensor([2.0, 1.0])]
+    start = torch.tensor([8.0, 4.0])
+    assert float(window_meta_loss(L, start, "sum")) == pytest.approx((6 + 3) / 2)
+    assert float(window_meta_loss(L, start, "sum", decay=0.5)) == pytest.approx((0.5 * 6 + 3) / 2)
+    assert float(window_meta_loss(L, start, "mean_ratio")) == pytest.approx((0.5 + 0.25) * 2 / 2)
+    assert float(window_meta_loss(L, start, "log")) == pytest.approx(
+        float(sum(torch.log(x) for x in L).mean()))
+
+
+def test_evaluation_seeds_are_unseen_and_rollout_has_no_graph(tmp_path):
+    cfg = tiny_config()
+    paths = []
+    for name in METHODS:
+        tr = MetaTrainer(name, cfg)
+        tr.run_meta_batch()
+        tr.run_meta_batch()
+        paths.append(tmp_path / f"{name}.pt")
+        tr.save(paths[-1])
+    res = evaluate(paths, seeds=3, steps=6)
+    assert set(res["methods"]) == {"gd", "gd_tele", *METHODS}
+    assert not set(res["eval_seeds"]) & set(res["train_seeds"])
+    assert all(is_test_seed(s) for s in res["eval_seeds"]) and len(res["train_seeds"]) == 4
+    for e in res["methods"].values():
+        assert len(e["loss_mean"]) == len(e["loss_std"]) == len(e["grad_norm_mean"]) == len(e["time_mean"]) == 6
+    # method runs start from the same initialisations as GD
+    assert res["methods"]["gd"]["loss_mean"][0] == pytest.approx(res["methods"]["lstm_update"]["loss_mean"][0])
+    assert "steps to 1" in summary_table(res, [0, 3], [1.0])
+    m = build_method("lstm_update_tele", cfg)
+    prob = regression_batch(cfg.problem.dims, [1, 3])
+    r = rollout(m, prob.weights, prob.X, prob.Y, 5)
+    assert r["loss"].shape == (2, 5) and r["loss"].grad_fn is None
+
+
+def test_config_errors_name_value_and_range(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[meta]\nunroll = 0\n")
+    with pytest.raises(ValueError, match=r"meta.unroll = 0 .*allowed \[1"):
+        load_config(p)
+    p.write_text("[teleport]\naction = 'sideways'\n")
+    with pytest.raises(ValueError, match="teleport.action = 'sideways'"):
+        load_config(p)
+    p.write_text("[lstm]\nhiden = 3\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(p)
+    cfg = load_config("configs/paper.toml")
+    assert (cfg.methods["lstm_update_tele"].trajectories, cfg.methods["lstm_update_tele"].steps) == (700, 100)
+    assert cfg.meta.unroll == 10 and cfg.meta.lr_update == 1e-3 and cfg.meta.lr_teleport == 1e-4
