@@ -10,7 +10,7 @@
 
 Splits (SPEC 8.7): a validation set is drawn from the training set with a seeded permutation and kept apart
 from the test set (MNIST and FashionMNIST: 50000 / 10000 like P2's ``random_split``; CIFAR-10: 45000 / 5000;
-digits: 20 % of the remaining training images). ``test_as_val=True`` reproduces the papers' practice of
+digits: 20 % of the remaining training images; never more than 20 % of a smaller training set). ``test_as_val=True`` reproduces the papers' practice of
 reporting the *test* set as "validation" (the validation split is then unused, as in the public code).
 
 Rows are samples: ``X (n, features)`` float32, ``y (n,)`` int64; models take ``(batch, features)``.
@@ -137,7 +137,7 @@ def load_dataset(name: str = "digits", data_root: str = "data", *, split_seed: i
     """Load ``name`` into memory and split it (see the module docstring).
 
     ``split_seed``: seed of the train/validation permutation (P2 uses 1). ``val_size``: number of training
-    images moved to validation (default ``VAL_SIZE[name]``). ``limit``: keep only the first ``limit``
+    images moved to validation (default ``min(VAL_SIZE[name], 20 % of the training set)``). ``limit``: keep only the first ``limit``
     training images after the split (quick runs). Raises :class:`DatasetNotFoundError` with instructions when
     files are missing.
     """
@@ -148,9 +148,11 @@ def load_dataset(name: str = "digits", data_root: str = "data", *, split_seed: i
     else:
         full, test = _load_torchvision(name, data_root, download)
     n = len(full)
-    nv = val_size if val_size is not None else VAL_SIZE[name]
-    if nv is None:
+    nv = val_size
+    if nv is None:  # P2's 10000 (CIFAR-10: 5000), but never more than VAL_FRACTION of a (small) training set
         nv = int(round(VAL_FRACTION * n))
+        if VAL_SIZE[name] is not None:
+            nv = min(VAL_SIZE[name], nv)
     if not 0 < nv < n:
         raise ValueError(f"val_size must be in (0, {n}) for {name!r} ({n} training images), got {nv}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
