@@ -92,7 +92,11 @@ class LSTMConfig:
       ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else ``(-1, e^p g)``; doubles the input width).
     preprocess_p: the ``p`` of the log-sign preprocessing (Andrychowicz et al.: 10).
     input_scale: divisor of the ``"scale"`` preprocessing.
+    update_param: ``"direct"`` (P2: the update is ``update_scale * head(h)``) or ``"precond"`` (the update
+      is ``precond_lr * exp(precond_range * tanh(head(h))) * grad``: a learned per-coordinate positive step
+      size, so the update vanishes with the gradient; starts as GD with ``precond_lr``).
     update_scale: the learned update is ``update_scale * head(h)`` (P2: 1).
+    precond_lr, precond_range: base step and log-range of ``"precond"`` (factor within e^{+-range}).
     update_clamp: every update coordinate is clamped to ``[-update_clamp, update_clamp]`` (P2: 1e7).
     lr_min, lr_max: range of the learned step size (P2: [1e-7, 5e-3]).
     lr_param: ``"clamp"`` (P2: ``clamp(head(h), lr_min, lr_max)``; zero gradient outside the range) or
@@ -109,7 +113,10 @@ class LSTMConfig:
     preprocess: str = "none"
     preprocess_p: float = 10.0
     input_scale: float = 1.0
+    update_param: str = "direct"
     update_scale: float = 1.0
+    precond_lr: float = 3e-4
+    precond_range: float = 3.0
     update_clamp: float = 1e7
     lr_min: float = 1e-7
     lr_max: float = 5e-3
@@ -123,7 +130,10 @@ class LSTMConfig:
         _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
         _check_range("lstm.preprocess_p", self.preprocess_p, 0, 100, lo_open=True)
         _check_range("lstm.input_scale", self.input_scale, 0, None, lo_open=True)
+        _check_choice("lstm.update_param", self.update_param, ("direct", "precond"))
         _check_range("lstm.update_scale", self.update_scale, 0, None, lo_open=True)
+        _check_range("lstm.precond_lr", self.precond_lr, 0, 1.0, lo_open=True)
+        _check_range("lstm.precond_range", self.precond_range, 0, 20.0)
         _check_range("lstm.update_clamp", self.update_clamp, 0, None, lo_open=True)
         _check_range("lstm.lr_min", self.lr_min, 0, None, lo_open=True)
         _check_range("lstm.lr_max", self.lr_max, self.lr_min, None, lo_open=True)

@@ -6,7 +6,8 @@ where the graph is cut (``detach_state``). State layout: ``((h_1, c_1), (h_2, c_
 (or ``(B * P, hidden)`` for the coordinatewise LSTM).
 
 * :class:`UpdateLSTM`: flattened gradient of all weights ``(B, P)`` -> update ``(B, P)``; the inner
-  step is ``w <- w - update`` (P2, paper sizes P = 800, hidden 300).
+  step is ``w <- w - update`` (P2, paper sizes P = 800, hidden 300). The head's output is the update
+  itself (``"direct"``, P2) or a per-coordinate log step size (``"precond"``, an option of metatele).
 * :class:`CoordinateUpdateLSTM`: one small LSTM shared by all coordinates (Andrychowicz et al. 2016),
   ``(B, P)`` -> ``(B, P)`` for any ``P``.
 * :class:`TeleportLSTM`: gradients of the two weights around a hidden layer of width ``k``
@@ -82,22 +83,45 @@ class _GradLSTM(nn.Module):
         return preprocess(g, self.preprocess_kind, p=self.p, scale=self.input_scale)
 
 
+def _output_update(out: Tensor, grad: Tensor, param: str, out_scale: float, clamp: float,
+                   base_lr: float, log_range: float) -> Tensor:
+    """Turn a head output into an update (pure function).
+
+    ``"direct"`` (P2): ``clamp(out_scale * out, -clamp, clamp)``.
+    ``"precond"``: ``base_lr * exp(log_range * tanh(out)) * grad``, a learned positive per-coordinate
+    step size; the update vanishes with the gradient, so a converged trajectory stays converged.
+    """
+    if param == "direct":
+        return (out_scale * out).clamp(-clamp, clamp)
+    if param == "precond":
+        return base_lr * torch.exp(log_range * torch.tanh(out)) * grad.to(out.dtype)
+    raise ValueError(f"update parametrisation {param!r}; allowed: ['direct', 'precond']")
+
+
 class UpdateLSTM(_GradLSTM):
     """P2's LSTM(update): ``update = clamp(scale * Linear(h_2), -clamp, clamp)``; inner step ``w - update``.
 
+    With ``param = "precond"``: ``update = base_lr * exp(log_range * tanh(Linear(h_2))) * grad``.
     ``forward(grad (B, P), state) -> (update (B, P), state)``.
     """
 
     def __init__(self, n_params: int = 800, hidden: int = 300, *, preprocess: str = "none",
                  p: float = 10.0, input_scale: float = 1.0, out_scale: float = 1.0,
-                 clamp: float = 1e7):
+                 clamp: float = 1e7, param: str = "direct", base_lr: float = 3e-4,
+                 log_range: float = 3.0):
         super().__init__(n_params, hidden, preprocess, p, input_scale)
         self.head = nn.Linear(hidden, n_params)
         self.out_scale, self.clamp = float(out_scale), float(clamp)
+        self.param, self.base_lr, self.log_range = param, float(base_lr), float(log_range)
+        if param == "precond":  # start as GD with step base_lr
+            with torch.no_grad():
+                self.head.weight.mul_(0.1)
+                self.head.bias.zero_()
 
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         h, state = self.lstm(self._features(grad), state)
-        u = (self.out_scale * self.head(h)).clamp(-self.clamp, self.clamp)
+        u = _output_update(self.head(h), grad, self.param, self.out_scale, self.clamp, self.base_lr,
+                           self.log_range)
         return u, state
 
 
@@ -110,11 +134,17 @@ class CoordinateUpdateLSTM(nn.Module):
     """
 
     def __init__(self, hidden: int = 20, *, p: float = 10.0, out_scale: float = 0.1,
-                 clamp: float = 1e7):
+                 clamp: float = 1e7, param: str = "direct", base_lr: float = 3e-4,
+                 log_range: float = 3.0):
         super().__init__()
         self.p, self.out_scale, self.clamp = float(p), float(out_scale), float(clamp)
+        self.param, self.base_lr, self.log_range = param, float(base_lr), float(log_range)
         self.lstm = StackedLSTM(2, hidden)
         self.head = nn.Linear(hidden, 1)
+        if param == "precond":
+            with torch.no_grad():
+                self.head.weight.mul_(0.1)
+                self.head.bias.zero_()
 
     @property
     def hidden(self) -> int:
@@ -127,7 +157,8 @@ class CoordinateUpdateLSTM(nn.Module):
         B, P = grad.shape
         x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.p)
         h, state = self.lstm(x, state)
-        u = (self.out_scale * self.head(h)).reshape(B, P).clamp(-self.clamp, self.clamp)
+        u = _output_update(self.head(h).reshape(B, P), grad, self.param, self.out_scale, self.clamp,
+                           self.base_lr, self.log_range)
         return u, state
 
 

@@ -64,10 +64,14 @@ class LearnedMethod(nn.Module):
             if lstm.update_arch == "full":
                 self.update_net = UpdateLSTM(self.n_params, lstm.update_hidden, preprocess=lstm.preprocess,
                                              p=lstm.preprocess_p, input_scale=lstm.input_scale,
-                                             out_scale=lstm.update_scale, clamp=lstm.update_clamp)
+                                             out_scale=lstm.update_scale, clamp=lstm.update_clamp,
+                                             param=lstm.update_param, base_lr=lstm.precond_lr,
+                                             log_range=lstm.precond_range)
             else:
                 self.update_net = CoordinateUpdateLSTM(lstm.coord_hidden, p=lstm.preprocess_p,
-                                                       out_scale=lstm.update_scale, clamp=lstm.update_clamp)
+                                                       out_scale=lstm.update_scale, clamp=lstm.update_clamp,
+                                                       param=lstm.update_param, base_lr=lstm.precond_lr,
+                                                       log_range=lstm.precond_range)
         self.tele_nets: nn.ModuleList | None = None
         if self.learn_tele:
             nets = []
