@@ -141,7 +141,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_seed_schedule_is_disjoint_across_ranks_and_steps():
-    cfg = tiny_config()
+    cfg = tiny_config(train__batch=7)  # train.batch is the global meta-batch, shared 2/2/3 by 3 ranks
     seen = []
     for r in range(3):
         tr = MetaTrainer("lstm_lr_tele", cfg, rank=r, world_size=3)
@@ -149,6 +149,8 @@ def test_seed_schedule_is_disjoint_across_ranks_and_steps():
             seen += tr.seeds_for(i)
     assert len(seen) == len(set(seen))
     assert all(s % 2 == 0 for s in seen)
+    one = MetaTrainer("lstm_lr_tele", cfg)
+    assert sorted(seen) == sorted(s for i in range(4) for s in one.seeds_for(i))
 
 
 def test_non_finite_meta_gradient_is_skipped():

@@ -46,8 +46,7 @@ def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]
 def trained_seeds(ck: dict[str, Any]) -> list[int]:
     """Training seeds a checkpoint has seen (from its progress and schedule)."""
     cfg = ck["config"]["train"]
-    dist = ck.get("distributed", {"world_size": 1})
-    n = int(ck["progress"]["meta_batch"]) * int(dist.get("world_size", 1)) * int(cfg["batch"])
+    n = int(ck["progress"]["meta_batch"]) * int(cfg["batch"])  # train.batch is the global meta-batch
     return train_seeds(n, start=int(cfg["seed_offset"]))
 
 

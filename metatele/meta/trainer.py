@@ -20,9 +20,13 @@ shorter). For each window starting at ``w_{t0}`` (a detached leaf):
 5. the weights and LSTM states are detached (the graph is cut) and the next window starts.
 
 If the inner weights themselves become non-finite, the rest of the meta-batch is abandoned (counted as
-``diverged``). Meta-batch ``i`` of rank ``r`` in a world of ``n`` processes uses the training seeds with
-indices ``seed_offset + (i n + r) B ... + B - 1`` (:meth:`MetaTrainer.seeds_for`), so a run is a pure
-function of (configuration, global step, rank, world size), which is what makes resuming exact.
+``diverged``). Meta-batch ``i`` uses the training seeds with indices ``seed_offset + i B ... + B - 1``
+(``B = train.batch``, the *global* meta-batch); in a world of ``n`` data-parallel processes rank ``r``
+unrolls the contiguous share ``[r B // n, (r + 1) B // n)`` of them (:meth:`MetaTrainer.seeds_for`,
+:mod:`metatele.meta.distributed`), so a run is a pure function of (configuration, global step) whatever the
+number of processes, which is what makes resuming exact, also on another number of processes.
+Distributed runs set ``grad_hook`` (meta-gradient all-reduce) and ``window_hook`` (collective meta-loss
+and divergence decision, so that every rank leaves a meta-batch at the same window).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ class Progress:
     """Counters of a meta-training run (all saved in checkpoints)."""
 
     meta_batch: int = 0      # completed meta-batches (the global step)
-    trajectories: int = 0    # trajectories completed by this process
+    trajectories: int = 0    # trajectories completed (all processes together)
     windows: int = 0         # truncation windows run (meta-updates attempted)
     updates: int = 0         # meta-updates applied
     skipped: int = 0         # meta-updates skipped: non-finite meta-loss or meta-gradient
@@ -80,19 +84,24 @@ class MetaTrainer:
 
     def __init__(self, method_name: str, cfg: Config, *, rank: int = 0, world_size: int = 1,
                  grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None,
-                 stepper: str = "higher"):
+                 stepper: str = "higher", device: str | torch.device | None = None,
+                 window_hook: Callable[[float, bool], tuple[float, bool]] | None = None):
         if method_name not in cfg.methods:
             raise ValueError(f"method {method_name!r} has no [methods.{method_name}] counts; "
                              f"configured: {sorted(cfg.methods)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        from .distributed import resolve_device, shard
+
+        shard(cfg.train.batch, rank, world_size)  # clear error if world_size > train.batch
         if stepper not in ("higher", "autograd"):
             raise ValueError(f"stepper {stepper!r}; allowed: ['higher', 'autograd']")
         self.name, self.cfg = method_name, cfg
         self.rank, self.world_size = rank, world_size
         self.grad_hook = grad_hook
+        self.window_hook = window_hook
         self.stepper_kind = stepper
-        self.device = torch.device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
         self.method = build_method(method_name, cfg).to(self.device)
         self.opt = torch.optim.Adam(self.method.param_groups(cfg.meta))
@@ -102,14 +111,17 @@ class MetaTrainer:
     # ------------------------------------------------------------------ schedule
     @property
     def n_meta_batches(self) -> int:
-        per = self.cfg.train.batch * self.world_size
-        return math.ceil(self.counts.trajectories / per)
+        return math.ceil(self.counts.trajectories / self.cfg.train.batch)
 
     def seeds_for(self, meta_batch: int) -> list[int]:
-        """Training seeds of meta-batch ``meta_batch`` on this rank (disjoint across ranks and steps)."""
+        """Training seeds of meta-batch ``meta_batch`` on this rank: its share of the ``train.batch`` seeds
+        of the meta-batch (disjoint across ranks and steps; the union over ranks is one process's batch)."""
+        from .distributed import shard
+
         B = self.cfg.train.batch
-        first = self.cfg.train.seed_offset + (meta_batch * self.world_size + self.rank) * B
-        return train_seeds(B, start=first)
+        lo, hi = shard(B, self.rank, self.world_size)
+        first = self.cfg.train.seed_offset + meta_batch * B + lo
+        return train_seeds(hi - lo, start=first)
 
     # ------------------------------------------------------------------ one meta-batch
     def _meta_update(self, meta_loss: torch.Tensor) -> bool:
@@ -118,6 +130,11 @@ class MetaTrainer:
         self.opt.zero_grad(set_to_none=True)
         self.progress.windows += 1
         if not torch.isfinite(meta_loss):
+            if self.grad_hook is not None:  # other ranks wait in the hook's all-reduce: join it with NaN
+                for p in params:            # gradients, so that every rank skips this update
+                    p.grad = torch.full_like(p, float("nan"))
+                self.grad_hook(params)
+                self.opt.zero_grad(set_to_none=True)
             self.progress.skipped += 1
             return False
         meta_loss.backward()
@@ -153,18 +170,21 @@ class MetaTrainer:
                                       decay=self.cfg.meta.decay)
             applied = self._meta_update(meta)
             m = float(meta.detach()) / k
+            s = s.cut()
+            bad = not all(bool(torch.isfinite(w).all()) for w in s.weights)
+            if self.window_hook is not None:  # world-wide meta-loss; stop on every rank if one diverged
+                m, bad = self.window_hook(m, bad)
             if math.isfinite(m):
                 metas.append(m)
-            s = s.cut()
             info = {"meta_batch": i, "t": s.t, "meta_loss": m, "applied": applied,
                     "inner_loss": float(rec[-1].mean())}
             if on_window is not None:
                 on_window(info)
-            if not all(bool(torch.isfinite(w).all()) for w in s.weights):
+            if bad:
                 diverged = True
                 break
         self.progress.meta_batch = i + 1
-        self.progress.trajectories += len(seeds)
+        self.progress.trajectories += self.cfg.train.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
         self.progress.wall += time.perf_counter() - t_begin
         mean = sum(metas) / len(metas) if metas else float("nan")
@@ -188,6 +208,9 @@ class MetaTrainer:
         }
 
     def save(self, path, payload: dict[str, Any] | None = None):
+        """Write the checkpoint (rank 0 only; other ranks hold the same state and return None)."""
+        if self.rank != 0:
+            return None
         return save_checkpoint(path, self.payload() if payload is None else payload)
 
     def load_payload(self, ck: dict[str, Any], path: str = "checkpoint") -> None:
