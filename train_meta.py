@@ -5,6 +5,7 @@
     python train_meta.py --config configs/paper.toml      # the paper's counts
     python train_meta.py --method lstm_lr_tele --trajectories 8 --steps 50 --batch 4
     python train_meta.py --resume checkpoints/lstm_update.pt
+    torchrun --nproc_per_node=2 train_meta.py --batch 8   # data-parallel: 2 processes share each meta-batch
 
 Checkpoints go to ``<out>/<method>.pt`` (``--out``, default ``train.out`` = ``checkpoints``), every
 ``train.save_every`` meta-batches, at the end, and on Ctrl-C (the state at the last completed
@@ -33,7 +34,11 @@ def parse_args(argv=None):
     ap.add_argument("--unroll", type=int, default=None, help="truncation window K")
     ap.add_argument("--batch", type=int, default=None, help="initialisations per meta-batch")
     ap.add_argument("--seed", type=int, default=None, help="seed of the meta-optimisers' initialisation")
-    ap.add_argument("--device", default=None, help="cpu or cuda")
+    ap.add_argument("--device", default=None,
+                    help="auto (a GPU when there is one), cpu, cuda or cuda:N (default: train.device of the "
+                         "configuration, 'auto'; on --resume: auto). Under torchrun each rank uses cuda:LOCAL_RANK")
+    ap.add_argument("--backend", default="auto",
+                    help="torch.distributed backend under torchrun: auto (nccl on GPU, gloo on CPU), gloo, nccl")
     ap.add_argument("--out", default=None, help="checkpoint folder")
     ap.add_argument("--resume", action="append", default=None, metavar="CKPT",
                     help="continue the run saved in CKPT (repeatable); its own configuration is used")
@@ -115,36 +120,53 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from metatele.checkpoint import CheckpointError
-    from metatele.meta import MetaTrainer
+    from metatele.meta.distributed import init_distributed
 
+    try:  # configuration errors are the same on every rank: found before any process group exists
+        cfg, methods = (None, None) if args.resume else build_config(args)
+        device = args.device if args.device is not None else ("auto" if args.resume else cfg.train.device)
+        ctx = init_distributed(device, args.backend)  # torchrun's RANK/WORLD_SIZE/...; no group when alone
+    except ValueError as e:
+        return _fail(str(e))
+    try:
+        return _train(args, ctx, cfg, methods, CheckpointError)
+    finally:
+        ctx.close()  # destroy_process_group, also on errors and Ctrl-C
+
+
+def _train(args, ctx, cfg, methods, CheckpointError) -> int:
+    from metatele.meta.distributed import make_trainer, resume_trainer
+
+    say = print if ctx.is_main else (lambda *a, **k: None)  # rank 0 logs, rank 0 writes checkpoints
     jobs = []  # (trainer, path)
     try:
         if args.resume:
             for ck in args.resume:
-                tr = MetaTrainer.resume(ck, trajectories=args.trajectories)
+                tr = resume_trainer(ck, ctx, trajectories=args.trajectories)
                 jobs.append((tr, Path(ck)))
         else:
-            cfg, methods = build_config(args)
             out = Path(cfg.train.out)
             for m in methods:
                 if m not in cfg.methods:
                     raise ValueError(f"method {m!r} has no [methods.{m}] table in the configuration")
-                jobs.append((MetaTrainer(m, cfg), out / f"{m}.pt"))
+                jobs.append((make_trainer(m, cfg, ctx), out / f"{m}.pt"))
     except CheckpointError as e:
-        return _fail(str(e))
+        return _fail(str(e)) if ctx.is_main else 2
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(str(e)) if ctx.is_main else 2
+    if ctx.distributed:
+        say(f"data-parallel: {ctx.world_size} processes, backend {ctx.backend}, rank 0 on {ctx.device}")
     t0 = time.perf_counter()
     for tr, path in jobs:
-        interrupted, summ = train_one(tr, path, not args.no_progress)
-        print(f"{summ['method']}: {summ['meta_batches']} meta-batches, {summ['trajectories']} trajectories, "
-              f"{summ['updates']} meta-updates, {summ['skipped']} skipped (non-finite), {summ['diverged']} "
-              f"diverged, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
+        interrupted, summ = train_one(tr, path, not args.no_progress and ctx.is_main)
+        say(f"{summ['method']}: {summ['meta_batches']} meta-batches, {summ['trajectories']} trajectories, "
+            f"{summ['updates']} meta-updates, {summ['skipped']} skipped (non-finite), {summ['diverged']} "
+            f"diverged, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
         if interrupted:
-            print(f"interrupted: saved {path} at meta-batch {summ['meta_batches']}; continue with "
-                  f"--resume {path}", file=sys.stderr)
+            say(f"interrupted: saved {path} at meta-batch {summ['meta_batches']}; continue with "
+                f"--resume {path}", file=sys.stderr)
             return 130
-    print(f"total wall time {time.perf_counter() - t0:.1f} s")
+    say(f"total wall time {time.perf_counter() - t0:.1f} s")
     return 0
 
 
