@@ -218,9 +218,11 @@ class TrainConfig:
     """Outer loop.
 
     seed: seeds the meta-optimisers' initialisation (trajectory seeds come from the problem streams).
-    batch: initialisations (trajectories) per meta-batch, run as one batch (P2: 1).
+    batch: initialisations (trajectories) per meta-batch, run as one batch (P2: 1). Under torchrun this is
+      the global meta-batch, shared by the processes (:mod:`metatele.meta.distributed`).
     seed_offset: first training-seed index (train seeds are ``problems.train_seeds``: even numbers).
-    device: ``"cpu"`` or ``"cuda"``.
+    device: ``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` (under torchrun: ``cuda:LOCAL_RANK``)
+      or ``"cuda:N"``.
     out: checkpoint folder.
     save_every: write the checkpoint every this many meta-batches (and at the end, and on Ctrl-C).
     """
@@ -228,7 +230,7 @@ class TrainConfig:
     seed: int = 0
     batch: int = 1
     seed_offset: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     out: str = "checkpoints"
     save_every: int = 10
 
@@ -236,8 +238,9 @@ class TrainConfig:
         _check_range("train.seed", self.seed, 0, 2**63 - 1, integer=True)
         _check_range("train.batch", self.batch, 1, 10**6, integer=True)
         _check_range("train.seed_offset", self.seed_offset, 0, 10**12, integer=True)
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"train.device = {self.device!r} must be a device string such as 'cpu'")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda") or (
+                self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"train.device = {self.device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"train.out = {self.out!r} must be a folder path")
         _check_range("train.save_every", self.save_every, 1, 10**9, integer=True)
