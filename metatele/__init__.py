@@ -23,3 +23,18 @@ __all__ = [
     "exactness", "group_element", "transform",
     "TeleportReport", "random_teleport", "random_teleport_model", "teleport", "teleport_weights",
 ]
+
+# Learning to teleport (SPEC section 6): meta-optimisers, meta-training, checkpoints, configuration.
+from . import learned, meta  # noqa: E402
+from .checkpoint import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,  # noqa: E402
+                         CheckpointMissing, ProblemMismatch)
+from .config import Config, load_config  # noqa: E402
+from .learned import (CoordinateUpdateLSTM, LearnedMethod, LearnedOptimizer, LrTeleportLSTM,  # noqa: E402
+                      TeleportLSTM, UpdateLSTM)
+from .meta import MetaTrainer  # noqa: E402
+
+__all__ += [
+    "learned", "meta", "CheckpointCorrupt", "CheckpointError", "CheckpointMismatch", "CheckpointMissing",
+    "ProblemMismatch", "Config", "load_config", "CoordinateUpdateLSTM", "LearnedMethod",
+    "LearnedOptimizer", "LrTeleportLSTM", "TeleportLSTM", "UpdateLSTM", "MetaTrainer",
+]
