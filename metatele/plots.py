@@ -28,7 +28,7 @@ def band(ax, x, runs, label: str, *, color=None, log: bool = False, linestyle: s
     """Plot the mean over ``runs`` against ``x`` with a +/- one standard deviation band.
 
     With ``log=True`` the band is the geometric mean times/divided by the geometric spread, so it stays
-    positive on a log axis. ``x``: ``(T,)`` or per-run ``(runs, T)`` (then averaged, e.g. wall-clock times).
+    positive on a log axis. Non-finite values (diverged runs) are left out of the mean and spread. ``x``: ``(T,)`` or per-run ``(runs, T)`` (then averaged, e.g. wall-clock times).
     """
     a = np.asarray(runs, dtype=float)
     if a.ndim == 1:
@@ -36,12 +36,14 @@ def band(ax, x, runs, label: str, *, color=None, log: bool = False, linestyle: s
     xs = np.asarray(x, dtype=float)
     if xs.ndim == 2:
         xs = xs.mean(0)
-    if log:
-        la = np.log(np.clip(a, 1e-300, None))
-        m, s = la.mean(0), la.std(0)
-        mean, lo, hi = np.exp(m), np.exp(m - s), np.exp(m + s)
-    else:
-        mean, s = a.mean(0), a.std(0)
+    a = np.where(np.isfinite(a), a, np.nan)  # diverged runs: left out of the statistics where they are not finite
+    with np.errstate(all="ignore"):
+        if log:
+            la = np.log(np.clip(a, 1e-300, None))
+            m, s = _nanmean(la), _nanstd(la)
+            mean, lo, hi = np.exp(m), np.exp(m - s), np.exp(m + s)
+        else:
+            mean, s = _nanmean(a), _nanstd(a)
         lo, hi = mean - s, mean + s
     line, = ax.plot(xs, mean, label=label, color=color, linestyle=linestyle, linewidth=1.8)
     if a.shape[0] > 1:
@@ -49,6 +51,17 @@ def band(ax, x, runs, label: str, *, color=None, log: bool = False, linestyle: s
     if log:
         ax.set_yscale("log")
     return line
+
+
+def _nanmean(a):
+    n = np.isfinite(a).sum(0)
+    return np.where(n > 0, np.nansum(a, 0) / np.maximum(n, 1), np.nan)
+
+
+def _nanstd(a):
+    m = _nanmean(a)
+    n = np.isfinite(a).sum(0)
+    return np.sqrt(np.where(n > 0, np.nansum((a - m) ** 2, 0) / np.maximum(n, 1), np.nan))
 
 
 def grid(n_rows: int, n_cols: int, *, width: float = 3.6, height: float = 3.0):
