@@ -25,6 +25,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-plots", action="store_true", help="skip the figures")
+    ap.add_argument("--device", default="auto",
+                    help="auto (a GPU when there is one, the default), cpu, cuda or cuda:N")
     return ap.parse_args(argv)
 
 
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         first_cfg = load_method(args.ckpt[0])[1]
-        res = evaluate(args.ckpt, seeds=args.seeds, steps=args.steps,
+        res = evaluate(args.ckpt, seeds=args.seeds, steps=args.steps, device=args.device,
                        progress=lambda n: print(f"evaluated {n}", file=sys.stderr))
     except CheckpointError as e:
         print(f"eval_meta.py: error: {e}", file=sys.stderr)

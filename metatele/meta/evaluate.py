@@ -52,11 +52,13 @@ def trained_seeds(ck: dict[str, Any]) -> list[int]:
 
 def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: int | None = None,
              eval_cfg: EvalConfig | None = None, include_baselines: bool = True,
-             progress=None) -> dict[str, Any]:
+             progress=None, device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Evaluate every checkpoint's method plus ``gd`` and ``gd_tele`` on the same unseen seeds.
 
     seeds: number of evaluation initialisations (default ``eval.seeds`` of the first checkpoint's config);
     steps: horizon (default: the longest training horizon among the checkpoints).
+    device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one); the initialisations are
+    drawn on CPU generators and moved, so every device sees the same problems.
     Returns the ``results.json`` dict: ``{"methods": {name: {loss_mean, loss_std, grad_norm_mean,
     time_mean, ...}}, "eval_seeds", "train_seeds", "steps", "dims"}``.
     """
@@ -86,7 +88,10 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
     overlap = set(ev) & set(tr)
     if overlap or any(is_train_seed(s) for s in ev):  # impossible by construction; checked anyway
         raise RuntimeError(f"evaluation seeds overlap training seeds: {sorted(overlap)[:5]}")
-    prob = regression_batch(dims, ev, dtype=dtype)
+    from .distributed import resolve_device
+
+    dev = resolve_device(device)
+    prob = regression_batch(dims, ev, dtype=dtype, device=dev)
     runs: dict[str, dict[str, torch.Tensor]] = {}
     if include_baselines:
         r = run_gd(prob.weights, prob.X, prob.Y, steps=steps, lr=ecfg.gd_lr)
@@ -99,12 +104,12 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
         if progress:
             progress("gd, gd_tele")
     for m, _, _ in loaded:
-        runs[m.name] = rollout(m, prob.weights, prob.X, prob.Y, steps)
+        runs[m.name] = rollout(m.to(dev), prob.weights, prob.X, prob.Y, steps)
         if progress:
             progress(m.name)
     out = {"methods": {}, "eval_seeds": ev, "train_seeds": tr, "steps": steps, "dims": dims,
            "checkpoints": {m.name: str(p) for (m, _, _), p in zip(loaded, ckpts)},
-           "gd_lr": ecfg.gd_lr}
+           "gd_lr": ecfg.gd_lr, "device": str(dev)}
     for name, r in runs.items():
         L = r["loss"].double()
         entry = {"loss_mean": L.mean(0).tolist(), "loss_std": L.std(0, unbiased=False).tolist(),

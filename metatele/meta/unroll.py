@@ -169,6 +169,8 @@ def rollout(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tens
             s, loss, gn = inner_step(method, s, stepper)
             losses.append(loss)
             gns.append(gn)
+            if X.is_cuda:  # kernels run asynchronously: wait for them, or the clock measures launches
+                torch.cuda.synchronize(X.device)
             times.append(time.perf_counter() - t0)
     return {"loss": torch.stack(losses, 1), "grad_norm_sq": torch.stack(gns, 1),
             "time": torch.tensor(times, dtype=torch.float64), "lr": torch.stack(lrs, 1)}
