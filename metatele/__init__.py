@@ -38,3 +38,14 @@ __all__ += [
     "ProblemMismatch", "Config", "load_config", "CoordinateUpdateLSTM", "LearnedMethod",
     "LearnedOptimizer", "LrTeleportLSTM", "TeleportLSTM", "UpdateLSTM", "MetaTrainer",
 ]
+
+# Teleport inside standard optimisers and the papers' datasets (SPEC sections 5 and 7).
+from . import data, optim  # noqa: E402
+from .data import DatasetNotFoundError, TeleportBatches, load_dataset  # noqa: E402
+from .optim import (TeleportingOptimizer, TeleportSchedule, TeleportSettings, make_optimizer,  # noqa: E402
+                    p2_teleport_config)
+
+__all__ += [
+    "data", "optim", "DatasetNotFoundError", "TeleportBatches", "load_dataset", "TeleportingOptimizer",
+    "TeleportSchedule", "TeleportSettings", "make_optimizer", "p2_teleport_config",
+]
