@@ -13,7 +13,9 @@ For each final model:
 
 Validation loss is on the validation split held out from the training set (``--test-as-val``: the test set,
 as P2 did). Output: the table (Pearson r and p-value for phi, psi and psi_paper against validation loss, and
-the number of models) and the scatter plots.
+the number of models) and the scatter plots. Because models that trained further have both a lower training
+loss and a lower validation loss, the table also gives the correlation of the final training loss with the
+validation loss, and of phi, psi, psi_paper with the generalisation gap (validation minus training loss).
 
     python -m metatele.experiments.correlation --out results/correlation
 """
@@ -113,14 +115,19 @@ def run(args) -> dict:
         batches = [stream() for _ in range(args.n_batches)]
         W, _, _ = from_sequential(model)
         m = measure(W, batches, radii, args, torch.Generator().manual_seed(seed + 99))
-        m.update(seed=seed, train_loss=h["train_loss"][-1], val_loss=h["val_loss"][-1], val_acc=h["val_acc"][-1])
+        train_final = C.evaluate(model, data.train)[0]
+        m.update(seed=seed, train_loss=train_final, val_loss=h["val_loss"][-1], val_acc=h["val_acc"][-1],
+                 gap=h["val_loss"][-1] - train_final)
         models.append(m)
     pb.close()
     val = [m["val_loss"] for m in models]
+    gap = [m["gap"] for m in models]
     table = {"n_models": len(models),
              "phi": pearson([m["phi"] for m in models], val),
              "psi": pearson([m["psi"] for m in models], val),
-             "psi_paper": pearson([m["psi_paper"] for m in models], val)}
+             "psi_paper": pearson([m["psi_paper"] for m in models], val),
+             "train_loss": pearson([m["train_loss"] for m in models], val),
+             "vs_generalisation_gap": {k: pearson([m[k] for m in models], gap) for k in ("phi", "psi", "psi_paper")}}
     results = {"experiment": "correlation", "paper": "P2 Table 1", "config": vars(args).copy(),
                "data": data.summary(), "widths": widths, "lr": lr, "radii": list(radii), "table": table,
                "models": models}
@@ -155,8 +162,10 @@ def main(argv=None) -> int:
         return 2
     t = res["table"]
     print(f"models: {t['n_models']}")
-    for k in ("phi", "psi", "psi_paper"):
+    for k in ("phi", "psi", "psi_paper", "train_loss"):
         print(f"corr({k}, validation loss) = {t[k]['r']:.4f} (p = {t[k]['p']:.3g})")
+    for k, v in t["vs_generalisation_gap"].items():
+        print(f"corr({k}, validation - training loss) = {v['r']:.4f} (p = {v['p']:.3g})")
     print(f"wrote {args.out}/results.json and correlation.png/.pdf in {time.perf_counter() - t0:.1f} s")
     return 0
 
