@@ -90,6 +90,8 @@ class LSTMConfig:
     preprocess: gradient preprocessing before an LSTM: ``"none"`` (P2: raw gradients), ``"scale"``
       (divide by ``input_scale``) or ``"log_sign"`` (Andrychowicz et al. eq. in appendix A: per coordinate
       ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else ``(-1, e^p g)``; doubles the input width).
+    tele_preprocess: preprocessing of the teleport LSTMs' input: ``"same"`` as ``preprocess`` (default) or
+      one of its values.
     preprocess_p: the ``p`` of the log-sign preprocessing (Andrychowicz et al.: 10).
     input_scale: divisor of the ``"scale"`` preprocessing.
     update_param: ``"direct"`` (P2: the update is ``update_scale * head(h)``) or ``"precond"`` (the update
@@ -111,6 +113,7 @@ class LSTMConfig:
     tele_hidden: int = 300
     lr_tele_hidden: int = 20
     preprocess: str = "none"
+    tele_preprocess: str = "same"
     preprocess_p: float = 10.0
     input_scale: float = 1.0
     update_param: str = "direct"
@@ -128,6 +131,7 @@ class LSTMConfig:
         for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden"):
             _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
         _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
+        _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same", "none", "scale", "log_sign"))
         _check_range("lstm.preprocess_p", self.preprocess_p, 0, 100, lo_open=True)
         _check_range("lstm.input_scale", self.input_scale, 0, None, lo_open=True)
         _check_choice("lstm.update_param", self.update_param, ("direct", "precond"))

@@ -78,7 +78,8 @@ class LearnedMethod(nn.Module):
             for i in range(len(self.shapes) - 1):
                 k = self.shapes[i][0]
                 n_in = self.shapes[i][0] * self.shapes[i][1] + self.shapes[i + 1][0] * self.shapes[i + 1][1]
-                common = dict(magnitude=self.tele_cfg.magnitude, preprocess=lstm.preprocess,
+                tp = lstm.preprocess if lstm.tele_preprocess == "same" else lstm.tele_preprocess
+                common = dict(magnitude=self.tele_cfg.magnitude, preprocess=tp,
                               p=lstm.preprocess_p, input_scale=lstm.input_scale)
                 if self.learn_lr:
                     nets.append(LrTeleportLSTM(n_in, k, lstm.lr_tele_hidden, lr_min=lstm.lr_min,
