@@ -169,7 +169,7 @@ def _mean(xs):
 
 def plot(results: dict, args) -> None:
     variants = list(results["variants"])
-    fig, axes = grid(1, 3, width=4.2, height=3.4)
+    fig, axes = grid(1, 4, width=4.2, height=3.4)
     sgd = results["sgd"]
     epochs = list(range(1, len(sgd[0]["val_loss"]) + 1))
     start = max(args.teleport_epoch - 5, 0)
@@ -183,7 +183,17 @@ def plot(results: dict, args) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(yl)
         ax.legend(fontsize=7)
-    ax = axes[0, 2]
+    ax = axes[0, 2]  # paired difference to SGD from the same initialisation: removes run-to-run spread
+    for i, v in enumerate(variants):
+        diffs = [[a - b for a, b in zip(hv["val_loss"][sl], hs["val_loss"][sl])]
+                 for hv, hs in zip(results["variants"][v], sgd)]
+        band(ax, epochs[sl], diffs, f"teleport {v}", color=f"C{i}")
+    ax.axhline(0, color="k", linewidth=1)
+    ax.axvline(args.teleport_epoch + 0.5, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation loss minus SGD's (same run)")
+    ax.legend(fontsize=7)
+    ax = axes[0, 3]
     for i, v in enumerate(variants):
         evs = [e for h in results["variants"][v] for e in h["events"]]
         ax.scatter([i] * len(evs), [e["val_loss_after"] - e["val_loss_before"] for e in evs], color=f"C{i}", s=12)
