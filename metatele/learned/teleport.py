@@ -40,6 +40,9 @@ def apply_learned_teleport(weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Te
 
     ``X_pinv``: cached pseudo-inverse of ``X`` (of ``[X; 1]`` with a bias) in the compute dtype.
     Differentiable in ``weights`` and ``Ts``. Returns weights in their original dtype.
+    No validation of the group elements (``transform(validate=False)``): in this hot loop ``g = I + T`` with
+    ``||T||_F`` = magnitude << 1 is invertible by construction, and a non-finite ``T`` (a diverged
+    trajectory) must propagate to the trainer, which skips that meta-update, rather than raise.
     """
     if action not in LEARNED_ACTIONS:
         raise ValueError(f"teleport action {action!r}; allowed: {LEARNED_ACTIONS}")
@@ -50,8 +53,9 @@ def apply_learned_teleport(weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Te
     Xp = None if X_pinv is None else X_pinv.to(cdt)
     if action == "inverse":
         elems = [None if T is None else group_element(T.to(cdt), param) for T in Ts]
-        out = transform(W, Xc, elems, action="inverse", slope=slope, bias=bias, X_pinv=Xp)
+        out = transform(W, Xc, elems, action="inverse", slope=slope, bias=bias, X_pinv=Xp, validate=False)
     else:
         elems = [None if T is None else T.to(cdt) for T in Ts]
-        out = transform(W, Xc, elems, action="linearised", slope=slope, bias=bias, X_pinv=Xp)
+        out = transform(W, Xc, elems, action="linearised", slope=slope, bias=bias, X_pinv=Xp,
+                        validate=False)
     return tuple(w.to(dt) for w in out)
