@@ -50,21 +50,31 @@ def worker(method: str, batch: int, steps: int, device: str) -> None:
     with distributed(device, "auto") as ctx:
         tr = make_trainer(method, cfg, ctx)
         ctx.barrier()
-        times = []
+        times, cpu = [], []
 
         def mark(_info):
             if tr.device.type == "cuda":
                 torch.cuda.synchronize(tr.device)
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
 
         tr.run_meta_batch(on_window=mark)
         assert ctx.in_sync(tr.method), "meta-parameters differ across ranks"
         dt = times[-1] - times[0]
+        # CPU seconds of the busiest rank (waiting in a collective costs none): the speed the world would
+        # have with a dedicated core per process, a check on wall-clock figures from a shared machine
+        cpu_max = cpu[-1] - cpu[0]
+        if ctx.distributed:
+            t = torch.tensor([cpu_max], dtype=torch.float64, device=ctx.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            cpu_max = float(t)
         if ctx.is_main:
             print(json.dumps({
                 "method": method, "batch": batch, "processes": ctx.world_size, "device": str(tr.device),
                 "backend": ctx.backend, "per_rank": len(tr.seeds_for(0)), "inner_steps": steps,
                 "seconds": dt, "inner_steps_per_s": batch * steps / dt, "meta_updates_per_s": (len(times) - 1) / dt,
+                "cpu_seconds_busiest_rank": cpu_max, "inner_steps_per_cpu_s": batch * steps / cpu_max,
+                "load_avg_1min": os.getloadavg()[0],
                 "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "threads_per_process": torch.get_num_threads(),
                 "peak_gpu_mb": (torch.cuda.max_memory_allocated(tr.device) / 2**20
@@ -130,7 +140,7 @@ def main(argv=None) -> int:
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, one thread per process; "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none available'}")
     print(f"{'method':<18}{'device':>8}{'batch':>6}{'procs':>6}{'per rank':>9}{'inner steps/s':>15}"
-          f"{'x vs 1 proc':>12}{'RSS MB':>8}", flush=True)
+          f"{'x vs 1 proc':>12}{'steps/cpu-s':>12}{'x (cpu)':>8}{'load':>6}{'RSS MB':>8}", flush=True)
     rows = []
     for m in a.methods:
         for b in a.batches:
@@ -140,16 +150,21 @@ def main(argv=None) -> int:
                 if n == 1:
                     base = r["inner_steps_per_s"]
                 r["ratio_vs_1_process"] = r["inner_steps_per_s"] / base if base else None
+                if n == 1:
+                    base_cpu = r["inner_steps_per_cpu_s"]
+                r["cpu_ratio_vs_1_process"] = r["inner_steps_per_cpu_s"] / base_cpu
                 rows.append(r)
                 ratio = f"{r['ratio_vs_1_process']:.2f}" if r["ratio_vs_1_process"] else "-"
                 print(f"{m:<18}{'cpu':>8}{b:>6}{n:>6}{r['per_rank']:>9}{r['inner_steps_per_s']:>15.1f}"
-                      f"{ratio:>12}{r['peak_rss_mb_rank0']:>8.0f}", flush=True)
+                      f"{ratio:>12}{r['inner_steps_per_cpu_s']:>12.1f}{r['cpu_ratio_vs_1_process']:>8.2f}"
+                      f"{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>8.0f}", flush=True)
         if use_gpu:
             for b in a.gpu_batches:
                 r = launch(m, b, a.steps, 1, "cuda", a.timeout)
                 rows.append(r)
-                print(f"{m:<18}{'cuda':>8}{b:>6}{1:>6}{b:>9}{r['inner_steps_per_s']:>15.1f}{'-':>12}"
-                      f"{r['peak_rss_mb_rank0']:>8.0f}  peak GPU {r['peak_gpu_mb']:.0f} MB", flush=True)
+                print(f"{m:<18}{'cuda':>8}{b:>6}{1:>6}{b:>9}{r['inner_steps_per_s']:>15.1f}{'-':>12}{'-':>12}"
+                      f"{'-':>8}{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>8.0f}  peak GPU "
+                      f"{r['peak_gpu_mb']:.0f} MB", flush=True)
     if not use_gpu:
         print("no GPU available: GPU figures not measured")
     if a.json:
