@@ -54,33 +54,42 @@ def test_eval_writes_results_and_figures(trained):
     assert "speed-up" in r.stdout
 
 
+def _main(script):
+    sys.path.insert(0, str(ROOT))
+    return __import__(script).main
+
+
 def test_resume_from_cli_extends_the_run(trained, tmp_path):
     d, _ = trained
     src = d / "ck" / "lstm_lr_tele.pt"
     p = tmp_path / "lstm_lr_tele.pt"
     p.write_bytes(src.read_bytes())
-    r = run(str(ROOT / "train_meta.py"), "--resume", str(p), "--trajectories", "6", "--threads", "1",
-            "--no-progress")
-    assert r.returncode == 0, r.stderr
+    rc = _main("train_meta")(["--resume", str(p), "--trajectories", "6", "--no-progress"])
+    assert rc == 0
     ck = torch.load(p, weights_only=True)
     assert ck["progress"]["meta_batch"] == 3
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt"])
-def test_bad_checkpoint_one_line_exit_2(tmp_path, case):
+def test_bad_checkpoint_one_line_exit_2(tmp_path, case, capsys):
     p = tmp_path / "x.pt"
     if case == "corrupt":
         p.write_bytes(b"garbage")
-    r = run(str(ROOT / "eval_meta.py"), "--ckpt", str(p), "--out", str(tmp_path / "res"))
-    assert r.returncode == 2
-    lines = [x for x in r.stderr.strip().splitlines() if x]
+    rc = _main("eval_meta")(["--ckpt", str(p), "--out", str(tmp_path / "res")])
+    assert rc == 2
+    lines = [x for x in capsys.readouterr().err.strip().splitlines() if x]
     assert len(lines) == 1 and "error" in lines[0] and str(p) in lines[0]
 
 
-def test_bad_config_value_exit_2(tmp_path):
+def test_bad_checkpoint_subprocess_exit_2(tmp_path):
+    r = run(str(ROOT / "eval_meta.py"), "--ckpt", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+
+
+def test_bad_config_value_exit_2(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("[meta]\nunroll = -3\n")
-    r = run(str(ROOT / "train_meta.py"), "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path))
-    assert r.returncode == 2 and "meta.unroll = -3" in r.stderr
+    rc = _main("train_meta")(["--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path)])
+    assert rc == 2 and "meta.unroll = -3" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_last_completed_meta_batch(tmp_path):
