@@ -216,3 +216,18 @@ def test_config_errors_name_value_and_range(tmp_path):
     cfg = load_config("configs/paper.toml")
     assert (cfg.methods["lstm_update_tele"].trajectories, cfg.methods["lstm_update_tele"].steps) == (700, 100)
     assert cfg.meta.unroll == 10 and cfg.meta.lr_update == 1e-3 and cfg.meta.lr_teleport == 1e-4
+
+
+def test_diverging_window_keeps_finite_terms():
+    """A learned update that blows up: the window stops at the first non-finite loss and the meta-loss of
+    the finite steps before it is finite, with finite meta-gradients."""
+    cfg = tiny_config(lstm__update_param="precond", lstm__precond_lr=0.5, lstm__precond_range=0.0)
+    m = build_method("lstm_update", cfg)
+    prob = regression_batch(cfg.problem.dims, train_seeds(1))
+    prob = type(prob)(tuple(w * 30 for w in prob.weights), prob.X, prob.Y, prob.seeds, prob.dims)
+    s = start(m, prob.weights, prob.X, prob.Y)
+    s, meta, rec = run_window(m, s, 40, HigherStepper(2), kind="log")
+    assert len(rec) < 40 and not all(bool(torch.isfinite(w).all()) for w in s.weights)
+    assert torch.isfinite(meta)
+    g = torch.autograd.grad(meta, list(m.parameters()), allow_unused=True)
+    assert all(x is None or bool(torch.isfinite(x).all()) for x in g)

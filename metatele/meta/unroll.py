@@ -132,7 +132,10 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
     Returns ``(state after the window (graph attached), meta-loss (scalar, graph attached),
     recorded losses L(w_t) (K, B) detached)``. The meta-loss terms are ``L(w_{t0+1}), ..., L(w_{t0+K})``:
     the first ``K - 1`` are the losses the inner steps computed anyway, the last one is one extra
-    forward of the network at the window's end.
+    forward of the network at the window's end. If a trajectory's loss becomes non-finite (the inner
+    optimisation diverged) the window stops there and the meta-loss keeps the finite terms before it, so
+    the meta-update still learns from the rising losses instead of being skipped; the returned state then
+    has non-finite weights and the trainer abandons the meta-batch.
     """
     if K < 1:
         raise ValueError(f"window length K = {K} must be >= 1")
@@ -143,9 +146,17 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
         recorded.append(loss_t.detach())
         if j == 0:
             start_loss = loss_t.detach()
+        elif not bool(torch.isfinite(loss_t).all()):
+            break  # diverged: keep the finite terms before it (their gradients push back), stop here
         else:
             post.append(loss_t)
-    post.append(mse_loss(s.weights, s.X, s.Y))
+    else:
+        end = mse_loss(s.weights, s.X, s.Y)
+        if bool(torch.isfinite(end).all()):
+            post.append(end)
+    if not post:  # diverged at the first update: nothing finite to learn from (the trainer skips it)
+        return s, torch.full((), float("nan"), dtype=start_loss.dtype, device=start_loss.device), \
+            torch.stack(recorded)
     meta = window_meta_loss(post, start_loss, kind, decay)
     return s, meta, torch.stack(recorded)
 
