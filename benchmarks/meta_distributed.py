@@ -8,12 +8,15 @@ MASTER_ADDR=127.0.0.1, MASTER_PORT; gloo on CPU), one thread each (OMP_NUM_THREA
 torch.set_num_threads(1)); every rank unrolls its B/N share, meta-gradients are all-reduced per window.
 After one warm-up window it times ``--steps`` inner steps (forward, backward, all-reduce, Adam) and
 prints inner steps per second (trajectory-steps of the whole world: B x steps / seconds, timed on rank 0,
-whose windows end in collectives with the other ranks) and the ratio 2 processes / 1 process.
+whose windows end in collectives with the other ranks) and the ratios of 2 processes to 1 process: with the
+same global batch (strong scaling: B=32 is 16 per rank) and with one rank's share (weak scaling: 2
+processes x 16 against 1 process x 16). Beside wall-clock it reports the CPU seconds of the busiest rank
+(time in collectives costs none) and the load average, since a shared machine distorts wall-clock.
 
 With ``--gpu`` (default: when CUDA is available) the same run also times one process on the GPU for
 ``--gpu-batches`` (default 1 and 32), beside the CPU rows.
 
-    OMP_NUM_THREADS=1 python benchmarks/meta_distributed.py [--batches 2 32] [--steps 20] [--json out.json]
+    python benchmarks/meta_distributed.py [--batches 1 2 16 32] [--procs 1 2] [--steps 20] [--json out.json]
 """
 from __future__ import annotations
 
@@ -112,8 +115,8 @@ def launch(method: str, batch: int, steps: int, procs: int, device: str, timeout
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--batches", type=int, nargs="+", default=[2, 32],
-                    help="global initialisations per meta-batch (>= the number of processes)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 16, 32],
+                    help="global initialisations per meta-batch (runs with more processes than B are left out)")
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="process counts (CPU, gloo)")
     ap.add_argument("--steps", type=int, default=20, help="timed inner steps (multiple of the unroll 10)")
     ap.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
@@ -129,9 +132,8 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    bad = [(b, n) for b in a.batches for n in a.procs if n > b]
-    if bad:
-        print(f"meta_distributed.py: error: batch {bad[0][0]} < {bad[0][1]} processes", file=sys.stderr)
+    if any(b < 1 for b in a.batches) or any(n < 1 for n in a.procs):
+        print(f"meta_distributed.py: error: batches {a.batches} and procs {a.procs} must be >= 1", file=sys.stderr)
         return 2
     use_gpu = a.gpu == "yes" or (a.gpu == "auto" and torch.cuda.is_available())
     if a.gpu == "yes" and not torch.cuda.is_available():
@@ -139,31 +141,42 @@ def main(argv=None) -> int:
         return 2
     print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__}, one thread per process; "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none available'}")
-    print(f"{'method':<18}{'device':>8}{'batch':>6}{'procs':>6}{'per rank':>9}{'inner steps/s':>15}"
-          f"{'x vs 1 proc':>12}{'steps/cpu-s':>12}{'x (cpu)':>8}{'load':>6}{'RSS MB':>8}", flush=True)
+    print("x same B: against 1 process with the same global batch (strong scaling); x same share: against 1 "
+          "process with one rank's share (weak scaling); cpu: from the CPU seconds of the busiest rank")
+    print(f"{'method':<18}{'device':>7}{'B':>4}{'procs':>6}{'per rank':>9}{'inner steps/s':>14}{'x same B':>9}"
+          f"{'x same share':>13}{'steps/cpu-s':>12}{'x same B (cpu)':>15}{'load':>6}{'RSS MB':>7}", flush=True)
+
+    def ratio(r, base, key):
+        return r[key] / base[key] if base else None
+
+    def fmt(x, w):
+        return f"{x:>{w}.2f}" if x is not None else f"{'-':>{w}}"
+
     rows = []
     for m in a.methods:
-        for b in a.batches:
-            base = None
-            for n in a.procs:
+        res: dict[tuple[int, int], dict] = {}
+        for b in sorted(set(a.batches)):
+            for n in sorted(set(a.procs)):
+                if n > b:
+                    continue  # a rank would have no trajectory
                 r = launch(m, b, a.steps, n, "cpu", a.timeout)
-                if n == 1:
-                    base = r["inner_steps_per_s"]
-                r["ratio_vs_1_process"] = r["inner_steps_per_s"] / base if base else None
-                if n == 1:
-                    base_cpu = r["inner_steps_per_cpu_s"]
-                r["cpu_ratio_vs_1_process"] = r["inner_steps_per_cpu_s"] / base_cpu
+                res[(b, n)] = r
+                same_b = res.get((b, 1))
+                share = res.get((b // n, 1)) if b % n == 0 else None
+                r["x_same_batch"] = ratio(r, same_b, "inner_steps_per_s")
+                r["x_same_share"] = ratio(r, share, "inner_steps_per_s")
+                r["x_same_batch_cpu"] = ratio(r, same_b, "inner_steps_per_cpu_s")
                 rows.append(r)
-                ratio = f"{r['ratio_vs_1_process']:.2f}" if r["ratio_vs_1_process"] else "-"
-                print(f"{m:<18}{'cpu':>8}{b:>6}{n:>6}{r['per_rank']:>9}{r['inner_steps_per_s']:>15.1f}"
-                      f"{ratio:>12}{r['inner_steps_per_cpu_s']:>12.1f}{r['cpu_ratio_vs_1_process']:>8.2f}"
-                      f"{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>8.0f}", flush=True)
+                print(f"{m:<18}{'cpu':>7}{b:>4}{n:>6}{r['per_rank']:>9}{r['inner_steps_per_s']:>14.1f}"
+                      f"{fmt(r['x_same_batch'], 9)}{fmt(r['x_same_share'], 13)}{r['inner_steps_per_cpu_s']:>12.1f}"
+                      f"{fmt(r['x_same_batch_cpu'], 15)}{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>7.0f}",
+                      flush=True)
         if use_gpu:
             for b in a.gpu_batches:
                 r = launch(m, b, a.steps, 1, "cuda", a.timeout)
                 rows.append(r)
-                print(f"{m:<18}{'cuda':>8}{b:>6}{1:>6}{b:>9}{r['inner_steps_per_s']:>15.1f}{'-':>12}{'-':>12}"
-                      f"{'-':>8}{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>8.0f}  peak GPU "
+                print(f"{m:<18}{'cuda':>7}{b:>4}{1:>6}{b:>9}{r['inner_steps_per_s']:>14.1f}{'-':>9}{'-':>13}"
+                      f"{'-':>12}{'-':>15}{r['load_avg_1min']:>6.1f}{r['peak_rss_mb_rank0']:>7.0f}  peak GPU "
                       f"{r['peak_gpu_mb']:.0f} MB", flush=True)
     if not use_gpu:
         print("no GPU available: GPU figures not measured")
