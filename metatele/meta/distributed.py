@@ -205,9 +205,9 @@ class DistContext:
                     p.grad = chunk.clone()
                 else:
                     p.grad.copy_(chunk)
-            flags = buf[off:]
+            flags = buf[off:].tolist()  # one device-to-host copy
             for k, i in enumerate(idx):
-                if float(flags[k]) == 0.0:
+                if flags[k] == 0.0:
                     params[i].grad = None
 
     def sync_window(self, meta_loss: float, stop: bool, weight: float) -> tuple[float, bool]:
