@@ -168,7 +168,7 @@ def write_results(out: str, results: dict) -> str:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "results.json")
     with open(path, "w") as f:
-        json.dump(_clean(results), f, indent=1)
+        json.dump(_clean(results), f, separators=(",", ":"))
     return path
 
 
