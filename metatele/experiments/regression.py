@@ -142,10 +142,13 @@ def plot(res: dict, out: str) -> None:
     for i, (key, hs) in enumerate(res["runs"].items()):
         steps = np.arange(len(hs[0]["loss"]))
         color, ls = f"C{i // 2}", ("--" if "teleport" in key else "-")
+        n_ok = sum(np.isfinite(h["loss"][-1]) for h in hs)
+        if n_ok < len(hs):  # the mean is then over the runs that stayed finite
+            key = f"{key} ({len(hs) - n_ok}/{len(hs)} runs diverged)"
         band(axes[0, 0], steps, [h["loss"] for h in hs], key, color=color, log=True, linestyle=ls)
         band(axes[0, 1], [h["time"] for h in hs], [h["loss"] for h in hs], key, color=color, log=True, linestyle=ls)
         band(axes[0, 2], steps, [h["grad_norm_sq"] for h in hs], key, color=color, log=True, linestyle=ls)
-        axes[0, 3].plot(hs[0]["loss"], hs[0]["grad_norm_sq"], color=color, linestyle=ls, label=key)
+        axes[0, 3].plot(hs[0]["loss"], hs[0]["grad_norm_sq"], color=color, linestyle=ls, label=key.split(" (")[0])
     for ax, xl, yl in ((axes[0, 0], "step", "loss"), (axes[0, 1], "wall-clock time (s)", "loss"),
                        (axes[0, 2], "step", r"$\|\nabla L\|^2$ (= -dL/dt)"),
                        (axes[0, 3], "loss (run 0)", r"$\|\nabla L\|^2$ (run 0)")):
