@@ -20,16 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def apply_poison(trainer, poison: dict | None, monkeypatch_run_window):
+def apply_poison(trainer, poison: dict | None, setattr_):
     """Make the process that holds the meta-batch's *last* trajectory misbehave, identically in a
     one-process reference and in a distributed run (where only the last rank holds it).
 
     nan_loss_window: the meta-loss of this window index (counted over the run) becomes NaN;
-    diverge_t: after the window that ends at inner step t, the last trajectory's weights become NaN.
+    diverge_t: the last trajectory's weights become NaN at inner step t (inside a window: its loss is
+    non-finite at the next step, where the window must stop on every rank, then the meta-batch is abandoned).
+    ``setattr_(module, name, value)`` patches a module attribute (pytest's monkeypatch.setattr).
     """
     if not poison or trainer.rank != trainer.world_size - 1:
         return
-    import metatele.meta.trainer as tm
+    import metatele.meta.unroll as um
 
     w_nan = poison.get("nan_loss_window")
     if w_nan is not None:
@@ -45,16 +47,16 @@ def apply_poison(trainer, poison: dict | None, monkeypatch_run_window):
         trainer._meta_update = _meta_update
     t_div = poison.get("diverge_t")
     if t_div is not None:
-        orig_rw = tm.run_window
+        orig_step = um.inner_step
 
-        def run_window(*a, **k):
-            s, meta, rec = orig_rw(*a, **k)
+        def inner_step(*a, **k):
+            s, loss, gn = orig_step(*a, **k)
             if s.t == t_div:
                 nan = float("nan")
                 s.weights = tuple(torch.cat([w[:-1], torch.full_like(w[-1:], nan)]) for w in s.weights)
-            return s, meta, rec
+            return s, loss, gn
 
-        monkeypatch_run_window(tm, run_window)
+        setattr_(um, "inner_step", inner_step)
 
 
 def main() -> int:
@@ -69,11 +71,11 @@ def main() -> int:
                 tr = resume_trainer(sc["resume"], ctx, trajectories=sc.get("trajectories"))
             else:
                 tr = make_trainer(sc["method"], config_from_dict(sc["config"]), ctx)
-            saved = {}
+            saved = []
 
-            def patch(mod, fn):
-                saved["run_window"] = mod.run_window
-                mod.run_window = fn
+            def patch(mod, name, fn):
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, fn)
 
             apply_poison(tr, sc.get("poison"), patch)
             if not ctx.in_sync(tr.method):
@@ -83,9 +85,8 @@ def main() -> int:
                 if not ctx.in_sync(tr.method):
                     raise SystemExit(f"rank {ctx.rank}: meta-parameters differ across ranks after "
                                      f"meta-batch {tr.progress.meta_batch}")
-            if "run_window" in saved:
-                import metatele.meta.trainer as tm
-                tm.run_window = saved["run_window"]
+            for mod, name, orig in saved:
+                setattr(mod, name, orig)
             r = tr.save(sc["out"])
             if (r is None) == ctx.is_main:
                 raise SystemExit(f"rank {ctx.rank}: save returned {r!r}")

@@ -84,7 +84,7 @@ def train_alone(method: str, cfg_dict: dict, *, poison=None, monkeypatch=None, r
         tr = MetaTrainer.resume(resume, trajectories=trajectories, device="cpu")
     else:
         tr = MetaTrainer(method, config_from_dict(cfg_dict), device="cpu")
-    apply_poison(tr, poison, lambda mod, fn: monkeypatch.setattr(mod, "run_window", fn))
+    apply_poison(tr, poison, lambda mod, name, fn: monkeypatch.setattr(mod, name, fn))
     while tr.progress.meta_batch < tr.n_meta_batches:
         tr.run_meta_batch()
     return tr
@@ -163,16 +163,38 @@ def test_environment_parsing_and_missing_rendezvous():
     ctx = init_distributed("cpu", "auto", environ={})  # alone: no process group, no-op collectives
     assert not ctx.distributed and ctx.is_main and not torch.distributed.is_initialized()
     tr = attach(MetaTrainer("lstm_update", tiny_config(), device=ctx.device), ctx)
-    assert tr.grad_hook is None and tr.window_hook is None
+    assert tr.grad_hook is None and tr.window_hook is None and tr.finite_hook is None
     ctx.close()
+
+
+def test_cli_device_and_backend_errors_exit_2(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    import train_meta
+
+    (tmp_path / "tiny.toml").write_text(TINY_TOML)
+    base = ["--config", str(tmp_path / "tiny.toml"), "--method", "lstm_update", "--no-progress",
+            "--out", str(tmp_path / "o")]
+    assert train_meta.main(base + ["--device", "tpu"]) == 2
+    assert "'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train_meta.main(base + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    assert train_meta.main(base + ["--device", "cpu", "--backend", "nccl"]) == 2  # before any rendezvous
+    assert "backend 'nccl' needs CUDA" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+    assert not (tmp_path / "o").exists()
 
 
 # ------------------------------------------------------------------------------------------ 2 processes
 def test_two_processes_equal_one_process(tmp_path, monkeypatch):
     """Two gloo ranks on 127.0.0.1 end with the meta-parameters, Adam progress and (world-averaged)
     meta-loss history of one process that unrolls every initialisation itself: uneven shares (3 = 1 + 2),
-    a float32 method, a NaN meta-loss on one rank (every rank skips) and a trajectory diverging on one
-    rank (every rank abandons the meta-batch), and a 1-process checkpoint resumed on 2 ranks."""
+    a float32 method, a NaN meta-loss on one rank (every rank skips) and a trajectory diverging inside a
+    window on one rank (every rank stops that window at the same step, learns from the finite terms and
+    abandons the meta-batch), and a 1-process checkpoint resumed on 2 ranks."""
     f64 = dict(problem__dtype="float64")
     resume_cfg = config_dict(train__batch=2, **f64)
     resume_cfg["methods"]["lstm_update_tele"]["trajectories"] = 2  # 1 meta-batch before the checkpoint
@@ -182,7 +204,7 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
         {"method": "lstm_update_tele", "config": config_dict(train__batch=3, **f64), "tol": 1e-9},
         {"method": "lstm_lr_tele", "config": config_dict(train__batch=4), "tol": 2e-5},
         {"method": "lstm_update", "config": config_dict(train__batch=2, **f64), "tol": 1e-9,
-         "poison": {"nan_loss_window": 1, "diverge_t": 3}},
+         "poison": {"nan_loss_window": 0, "diverge_t": 5}},
         {"resume": str(tmp_path / "one_rank.pt"), "trajectories": 6, "tol": 1e-9},
     ]
     for i, sc in enumerate(scenarios):
@@ -202,8 +224,8 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
             with monkeypatch.context() as mp:
                 ref = train_alone(sc["method"], sc["config"], poison=sc.get("poison"), monkeypatch=mp)
         assert_same_state(ck, ref, sc["tol"])
-        if sc.get("poison"):
-            assert ref.progress.skipped >= 1 and ref.progress.diverged >= 1  # the poison did bite
+        if sc.get("poison"):  # the poison did bite: skipped windows, abandoned meta-batches, and updates
+            assert ref.progress.skipped >= 1 and ref.progress.diverged == 2 and ref.progress.updates >= 2
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

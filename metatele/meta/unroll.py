@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -125,8 +125,13 @@ def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "
     return torch.stack(terms).sum(0).mean()
 
 
+def _all_finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
 def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: str = "sum",
-               decay: float = 1.0) -> tuple[InnerState, Tensor, Tensor]:
+               decay: float = 1.0, all_finite: Callable[[Tensor], bool] | None = None
+               ) -> tuple[InnerState, Tensor, Tensor]:
     """Unroll ``K`` inner steps from ``s`` (whose weights should be detached leaves, see ``cut``).
 
     Returns ``(state after the window (graph attached), meta-loss (scalar, graph attached),
@@ -135,8 +140,11 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
     forward of the network at the window's end. If a trajectory's loss becomes non-finite (the inner
     optimisation diverged) the window stops there and the meta-loss keeps the finite terms before it, so
     the meta-update still learns from the rising losses instead of being skipped; the returned state then
-    has non-finite weights and the trainer abandons the meta-batch.
+    has non-finite weights and the trainer abandons the meta-batch. ``all_finite(losses) -> bool`` decides
+    "every trajectory's loss is finite"; data-parallel runs pass a world-wide version
+    (:mod:`metatele.meta.distributed`) so that every process stops at the step one process would.
     """
+    finite = _all_finite if all_finite is None else all_finite
     if K < 1:
         raise ValueError(f"window length K = {K} must be >= 1")
     recorded, post = [], []
@@ -146,13 +154,13 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
         recorded.append(loss_t.detach())
         if j == 0:
             start_loss = loss_t.detach()
-        elif not bool(torch.isfinite(loss_t).all()):
+        elif not finite(loss_t):
             break  # diverged: keep the finite terms before it (their gradients push back), stop here
         else:
             post.append(loss_t)
     else:
         end = mse_loss(s.weights, s.X, s.Y)
-        if bool(torch.isfinite(end).all()):
+        if finite(end):
             post.append(end)
     if not post:  # diverged at the first update: nothing finite to learn from (the trainer skips it)
         return s, torch.full((), float("nan"), dtype=start_loss.dtype, device=start_loss.device), \
