@@ -105,6 +105,10 @@ def train_one(trainer, path: Path, show_progress: bool) -> tuple[bool, dict]:
     except KeyboardInterrupt:
         interrupted = True
         trainer.save(path, snapshot)  # state at the last completed meta-batch
+    except RuntimeError:
+        if trainer.world_size > 1:  # a peer process failed (collective error): keep the last completed
+            trainer.save(path, snapshot)  # meta-batch (rank 0 writes), then report
+        raise
     finally:
         bar.close()
     p = trainer.progress
@@ -158,7 +162,16 @@ def _train(args, ctx, cfg, methods, CheckpointError) -> int:
         say(f"data-parallel: {ctx.world_size} processes, backend {ctx.backend}, rank 0 on {ctx.device}")
     t0 = time.perf_counter()
     for tr, path in jobs:
-        interrupted, summ = train_one(tr, path, not args.no_progress and ctx.is_main)
+        try:
+            interrupted, summ = train_one(tr, path, not args.no_progress and ctx.is_main)
+        except RuntimeError as e:
+            if not ctx.distributed:
+                raise
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"train_meta.py: error: rank {ctx.rank}: the data-parallel run failed ({msg})"
+                  + (f"; saved {path} at the last completed meta-batch, continue with --resume {path}"
+                     if ctx.is_main else ""), file=sys.stderr)
+            return 1
         say(f"{summ['method']}: {summ['meta_batches']} meta-batches, {summ['trajectories']} trajectories, "
             f"{summ['updates']} meta-updates, {summ['skipped']} skipped (non-finite), {summ['diverged']} "
             f"diverged, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
