@@ -5,7 +5,8 @@ For each method (paper architecture: UpdateLSTM 800-300-800, TeleportLSTM hidden
 hidden 20; problem dims [20, 20, 20, 20]; unroll 10; first-order) and each batch of initialisations
 (1 and 32 by default) it runs one warm-up window and then ``--steps`` inner steps of meta-training
 (forward, backward through the window, Adam step), and prints inner steps per second (trajectory-steps:
-batch x steps / seconds) and the peak resident memory of a fresh process (``ru_maxrss``).
+batch x steps / seconds) and the peak resident memory of a fresh process (``ru_maxrss``), next to the
+resident memory right after importing torch (the difference is what meta-training itself takes).
 
     python benchmarks/meta.py [--batches 1 32] [--steps 40] [--threads 0] [--json out.json]
 """
@@ -33,6 +34,7 @@ def single(method: str, batch: int, steps: int, threads: int) -> dict:
     from metatele.config import load_config
     from metatele.meta import MetaTrainer
 
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after importing torch
     cfg = load_config(ROOT / "configs" / "paper.toml")
     cfg.train.batch = batch
     cfg.methods[method].steps = steps + cfg.meta.unroll  # first window = warm-up
@@ -44,6 +46,7 @@ def single(method: str, batch: int, steps: int, threads: int) -> dict:
     return {"method": method, "batch": batch, "inner_steps": steps, "seconds": dt,
             "trajectory_steps_per_s": batch * steps / dt, "meta_updates_per_s": (len(times) - 1) / dt,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "import_rss_mb": base_rss,
             "threads": torch.get_num_threads(), "meta_params": sum(p.numel() for p in tr.method.parameters())}
 
 
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
         print(json.dumps(single(a.single[0], int(a.single[1]), a.steps, a.threads)))
         return 0
     rows = []
-    print(f"{'method':<18}{'batch':>6}{'traj-steps/s':>14}{'meta-upd/s':>12}{'peak RSS MB':>13}{'threads':>9}")
+    print(f"{'method':<18}{'batch':>6}{'traj-steps/s':>14}{'meta-upd/s':>12}{'peak RSS MB':>13}"
+          f"{'(import)':>10}{'threads':>9}")
     for m in a.methods:
         for b in a.batches:
             r = subprocess.run([sys.executable, __file__, "--single", m, str(b), "--steps", str(a.steps),
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
             row = json.loads(r.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(f"{m:<18}{b:>6}{row['trajectory_steps_per_s']:>14.1f}{row['meta_updates_per_s']:>12.2f}"
-                  f"{row['peak_rss_mb']:>13.0f}{row['threads']:>9}", flush=True)
+                  f"{row['peak_rss_mb']:>13.0f}{row['import_rss_mb']:>10.0f}{row['threads']:>9}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
