@@ -26,7 +26,9 @@ def apply_poison(trainer, poison: dict | None, setattr_):
 
     nan_loss_window: the meta-loss of this window index (counted over the run) becomes NaN;
     diverge_t: the last trajectory's weights become NaN at inner step t (inside a window: its loss is
-    non-finite at the next step, where the window must stop on every rank, then the meta-batch is abandoned).
+    non-finite at the next step, where the window must stop on every rank, then the meta-batch is abandoned);
+    inf_loss_t: the last trajectory's loss L(w_t) reads inf at inner step t with finite weights (every rank
+    must stop the window there, rewind to that step's state and go on from it in the next window).
     ``setattr_(module, name, value)`` patches a module attribute (pytest's monkeypatch.setattr).
     """
     if not poison or trainer.rank != trainer.world_size - 1:
@@ -45,15 +47,17 @@ def apply_poison(trainer, poison: dict | None, setattr_):
             return orig(meta_loss)
 
         trainer._meta_update = _meta_update
-    t_div = poison.get("diverge_t")
-    if t_div is not None:
+    t_div, t_inf = poison.get("diverge_t"), poison.get("inf_loss_t")
+    if t_div is not None or t_inf is not None:
         orig_step = um.inner_step
 
-        def inner_step(*a, **k):
-            s, loss, gn = orig_step(*a, **k)
+        def inner_step(method, s_in, stepper):
+            s, loss, gn = orig_step(method, s_in, stepper)
             if s.t == t_div:
                 nan = float("nan")
                 s.weights = tuple(torch.cat([w[:-1], torch.full_like(w[-1:], nan)]) for w in s.weights)
+            if s_in.t == t_inf:
+                loss = torch.cat([loss[:-1], torch.full_like(loss[-1:], float("inf"))])
             return s, loss, gn
 
         setattr_(um, "inner_step", inner_step)

@@ -163,7 +163,7 @@ def test_environment_parsing_and_missing_rendezvous():
     ctx = init_distributed("cpu", "auto", environ={})  # alone: no process group, no-op collectives
     assert not ctx.distributed and ctx.is_main and not torch.distributed.is_initialized()
     tr = attach(MetaTrainer("lstm_update", tiny_config(), device=ctx.device), ctx)
-    assert tr.grad_hook is None and tr.window_hook is None and tr.finite_hook is None
+    assert tr.grad_hook is None and tr.window_hook is None and tr.stop_hook is None
     ctx.close()
 
 
@@ -192,9 +192,10 @@ def test_cli_device_and_backend_errors_exit_2(tmp_path, monkeypatch, capsys):
 def test_two_processes_equal_one_process(tmp_path, monkeypatch):
     """Two gloo ranks on 127.0.0.1 end with the meta-parameters, Adam progress and (world-averaged)
     meta-loss history of one process that unrolls every initialisation itself: uneven shares (3 = 1 + 2),
-    a float32 method, a NaN meta-loss on one rank (every rank skips) and a trajectory diverging inside a
+    a float32 method, a NaN meta-loss on one rank (every rank skips), a trajectory diverging inside a
     window on one rank (every rank stops that window at the same step, learns from the finite terms and
-    abandons the meta-batch), and a 1-process checkpoint resumed on 2 ranks."""
+    abandons the meta-batch), an infinite loss with finite weights on one rank (every rank stops, rewinds
+    to that step and goes on from it), and a 1-process checkpoint resumed on 2 ranks."""
     f64 = dict(problem__dtype="float64")
     resume_cfg = config_dict(train__batch=2, **f64)
     resume_cfg["methods"]["lstm_update_tele"]["trajectories"] = 2  # 1 meta-batch before the checkpoint
@@ -205,10 +206,14 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
         {"method": "lstm_lr_tele", "config": config_dict(train__batch=4), "tol": 2e-5},
         {"method": "lstm_update", "config": config_dict(train__batch=2, **f64), "tol": 1e-9,
          "poison": {"nan_loss_window": 0, "diverge_t": 5}},
+        {"method": "lstm_update_tele", "config": config_dict(train__batch=2, meta__unroll=4, **f64), "tol": 1e-9,
+         "steps": 8, "poison": {"inf_loss_t": 2}},
         {"resume": str(tmp_path / "one_rank.pt"), "trajectories": 6, "tol": 1e-9},
     ]
     for i, sc in enumerate(scenarios):
         sc["out"] = str(tmp_path / f"s{i}.pt")
+        if "steps" in sc:
+            sc["config"]["methods"][sc["method"]]["steps"] = sc["steps"]
     outs = run_world({"scenarios": scenarios, "device": "cpu", "backend": "auto"}, 2, tmp_path)
     assert "rank 1" in outs[1] and "rank 0" in outs[0]
     for i, sc in enumerate(scenarios):
@@ -224,8 +229,10 @@ def test_two_processes_equal_one_process(tmp_path, monkeypatch):
             with monkeypatch.context() as mp:
                 ref = train_alone(sc["method"], sc["config"], poison=sc.get("poison"), monkeypatch=mp)
         assert_same_state(ck, ref, sc["tol"])
-        if sc.get("poison"):  # the poison did bite: skipped windows, abandoned meta-batches, and updates
+        if sc.get("poison", {}).get("diverge_t"):  # the poison did bite: skips, abandoned meta-batches, updates
             assert ref.progress.skipped >= 1 and ref.progress.diverged == 2 and ref.progress.updates >= 2
+        if sc.get("poison", {}).get("inf_loss_t"):  # windows [0, 3) (stopped at step 2), [3, 7), [7, 8)
+            assert ref.progress.windows == 6 and ref.progress.diverged == 0 and ref.progress.updates == 6
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

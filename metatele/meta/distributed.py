@@ -21,7 +21,8 @@ What every rank does, and why the result equals one process
 * The data-dependent decisions are collective too, so that every rank takes the branch one process with
   all ``B`` trajectories would take and none waits in a collective the others skipped: an inner loss
   going non-finite on any rank stops the window at that step on every rank (the meta-loss keeps the
-  finite terms before it, :func:`~metatele.meta.unroll.run_window`); a non-finite meta-loss on any rank
+  finite terms before it; each rank unrolls to its own stop, then one ``all_reduce`` of the stop step
+  and a rewind, :func:`~metatele.meta.unroll.run_window`); a non-finite meta-loss on any rank
   puts NaN into the summed gradient and every rank skips that meta-update; inner weights going non-finite
   on any rank abandon the meta-batch on every rank; the logged meta-loss is the ``b_r / B`` weighted sum
   of the ranks' values (the one-process mean).
@@ -220,14 +221,13 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t[0]), bool(t[1] > 0)
 
-    def all_finite(self, x: torch.Tensor) -> bool:
-        """True if ``x`` is finite on every rank (one small ``all_reduce``)."""
-        ok = bool(torch.isfinite(x).all())
+    def min_int(self, x: int) -> int:
+        """The minimum of ``x`` over the ranks (one small ``all_reduce``)."""
         if not self.distributed:
-            return ok
-        t = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=self.device)
+            return int(x)
+        t = torch.tensor([int(x)], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t[0] > 0)
+        return int(t[0])
 
     def broadcast_module(self, module: torch.nn.Module, src: int = 0) -> None:
         """Copy rank ``src``'s parameters and buffers into every rank's ``module`` (in place)."""
@@ -335,7 +335,7 @@ def distributed(device: str | torch.device | None = "auto", backend: str | None 
 def attach(trainer, ctx: DistContext, *, broadcast: bool = True):
     """Wire a :class:`~metatele.meta.MetaTrainer` (built with ``ctx.rank`` / ``ctx.world_size``) to the
     world: meta-gradient averaging (``grad_hook``), collective decisions (``window_hook`` at the end of a
-    window, ``finite_hook`` at each inner step: a window stops where one process would stop) and, with ``broadcast``, rank 0's meta-parameters on every rank. Returns the trainer."""
+    window, ``stop_hook`` inside it: a window stops where one process would stop) and, with ``broadcast``, rank 0's meta-parameters on every rank. Returns the trainer."""
     if (trainer.rank, trainer.world_size) != (ctx.rank, ctx.world_size):
         raise ValueError(f"trainer has rank {trainer.rank} of {trainer.world_size}, the context rank "
                          f"{ctx.rank} of {ctx.world_size}")
@@ -352,7 +352,7 @@ def attach(trainer, ctx: DistContext, *, broadcast: bool = True):
 
     trainer.grad_hook = grad_hook
     trainer.window_hook = window_hook
-    trainer.finite_hook = ctx.all_finite
+    trainer.stop_hook = ctx.min_int
     if broadcast:
         ctx.broadcast_module(trainer.method)
     return trainer

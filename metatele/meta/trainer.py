@@ -80,7 +80,7 @@ class MetaTrainer:
     grad_hook: called as ``grad_hook(list_of_meta_parameters)`` between ``backward()`` and the
       finiteness check and Adam step; the place for ``torch.distributed.all_reduce`` of ``p.grad``.
     window_hook: ``(meta_loss, inner weights diverged) -> (meta_loss, diverged)`` after each window; and the
-      attribute ``finite_hook`` (``losses -> bool``, passed to ``run_window`` as ``all_finite``): the
+      attribute ``stop_hook`` (``int -> int``, passed to ``run_window`` as ``stop_sync``): the
       world-wide versions of the trainer's data-dependent decisions, set by
       :func:`metatele.meta.distributed.attach`, so that every rank takes the branch one process would.
     device: overrides ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
@@ -105,7 +105,7 @@ class MetaTrainer:
         self.rank, self.world_size = rank, world_size
         self.grad_hook = grad_hook
         self.window_hook = window_hook
-        self.finite_hook: Callable[[torch.Tensor], bool] | None = None
+        self.stop_hook: Callable[[int], int] | None = None
         self.stepper_kind = stepper
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
@@ -173,7 +173,7 @@ class MetaTrainer:
         while s.t < steps:
             k = min(K, steps - s.t)
             s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
-                                      decay=self.cfg.meta.decay, all_finite=self.finite_hook)
+                                      decay=self.cfg.meta.decay, stop_sync=self.stop_hook)
             applied = self._meta_update(meta)
             m = float(meta.detach()) / k
             s = s.cut()

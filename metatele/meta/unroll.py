@@ -130,7 +130,7 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: str = "sum",
-               decay: float = 1.0, all_finite: Callable[[Tensor], bool] | None = None
+               decay: float = 1.0, stop_sync: Callable[[int], int] | None = None
                ) -> tuple[InnerState, Tensor, Tensor]:
     """Unroll ``K`` inner steps from ``s`` (whose weights should be detached leaves, see ``cut``).
 
@@ -140,28 +140,43 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
     forward of the network at the window's end. If a trajectory's loss becomes non-finite (the inner
     optimisation diverged) the window stops there and the meta-loss keeps the finite terms before it, so
     the meta-update still learns from the rising losses instead of being skipped; the returned state then
-    has non-finite weights and the trainer abandons the meta-batch. ``all_finite(losses) -> bool`` decides
-    "every trajectory's loss is finite"; data-parallel runs pass a world-wide version
-    (:mod:`metatele.meta.distributed`) so that every process stops at the step one process would.
+    has non-finite weights and the trainer abandons the meta-batch.
+
+    stop_sync: data-parallel runs (:mod:`metatele.meta.distributed`) pass ``stop_sync(local) -> minimum
+    over the processes`` of the stop index (``j`` for a non-finite ``L(w_{t0+j})``, ``K`` for a non-finite
+    end loss, ``K + 1`` for none). Every process unrolls until its own stop, then, after that one
+    collective, rewinds to the step where one process with every trajectory would have stopped (same
+    state, records and meta-loss terms): one collective per window instead of one per step.
     """
-    finite = _all_finite if all_finite is None else all_finite
     if K < 1:
         raise ValueError(f"window length K = {K} must be >= 1")
-    recorded, post = [], []
+    recorded, post, states = [], [], []
     start_loss = None
+    stop = K + 1
     for j in range(K):
         s, loss_t, _ = inner_step(method, s, stepper)
         recorded.append(loss_t.detach())
+        states.append(s)
         if j == 0:
             start_loss = loss_t.detach()
-        elif not finite(loss_t):
+        elif not _all_finite(loss_t):
+            stop = j
             break  # diverged: keep the finite terms before it (their gradients push back), stop here
         else:
             post.append(loss_t)
     else:
         end = mse_loss(s.weights, s.X, s.Y)
-        if finite(end):
+        if _all_finite(end):
             post.append(end)
+        else:
+            stop = K
+    if stop_sync is not None:
+        first = int(stop_sync(stop))
+        if first < stop:  # another process stopped earlier: rewind to where one process would be
+            if first < K:
+                s, recorded, post = states[first], recorded[:first + 1], post[:first - 1]
+            else:  # only the end loss was non-finite elsewhere
+                post = post[:K - 1]
     if not post:  # diverged at the first update: nothing finite to learn from (the trainer skips it)
         return s, torch.full((), float("nan"), dtype=start_loss.dtype, device=start_loss.device), \
             torch.stack(recorded)
