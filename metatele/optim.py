@@ -295,6 +295,13 @@ class TeleportingOptimizer:
         s = self.settings
         t0 = time.perf_counter()
         W_before, slope, bias = from_sequential(self.model)
+        if not all(bool(torch.isfinite(w).all()) for w in W_before):
+            # a diverged run: there is no level set to move along; skip, leave the state alone, and say so
+            nan = float("nan")
+            ev = TeleportEvent(epoch, batch_index, self.step_count, nan, nan, nan, nan, 0,
+                               "skipped: non-finite weights", self.state_policy, time.perf_counter() - t0)
+            self.events.append(ev)
+            return ev
         report = teleport(self.model, inputs, targets, objective=s.objective, loss=s.loss, steps=s.steps,
                           lr=s.lr, maximize=s.maximize, cap=s.cap, action=s.action, param=s.param,
                           objective_kwargs=s.objective_kwargs, generator=self.generator)

@@ -231,3 +231,14 @@ def test_bad_configuration_raises():
     with pytest.raises(TypeError):
         TeleportingOptimizer(nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)), opt,
                              schedule=TeleportSchedule(), batches=lambda: None)
+
+
+def test_teleport_skipped_on_nonfinite_weights():
+    model = mlp([12, 8, 7, 4])
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    tb = data(6, 12, seed=5)
+    opt = TeleportingOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               schedule=TeleportSchedule(epochs=(0,), per_epoch=1), batches=lambda: tb)
+    ev = opt.start_batch(0, 0)
+    assert ev.exactness.startswith("skipped") and ev.steps_taken == 0
