@@ -153,3 +153,10 @@ def test_so2_teleport_keeps_test_function_loss(fn, p):
         q = so2_teleport(fn, p, theta)
         assert torch.allclose(fn.loss(q), fn.loss(p), rtol=1e-12)
     assert torch.allclose(fn.from_uv(fn.to_uv(p)), p)
+
+
+def test_exactness_of_diverged_weights_does_not_crash():
+    W, X, _ = _problem([6, 6, 6, 2])
+    W = (W[0] * math.nan, W[1])
+    ex = exactness(W, X)
+    assert ex.verdict == "approximate" and "non-finite" in ex.detail[1]

@@ -187,6 +187,8 @@ def _rank_verdict(mat: Tensor, what: str) -> tuple[str, str]:
     rows, b = mat.shape[-2], mat.shape[-1]
     if b > rows:
         return "approximate", f"batch {b} > {what} {rows}"
+    if not bool(torch.isfinite(mat).all()):
+        return "approximate", f"non-finite values in the input of {what} {rows}"
     rank = torch.linalg.matrix_rank(mat.detach().double())
     if bool((rank < b).any()):
         return "approximate", f"{what} {rows} >= batch {b} but rank {int(rank.min())} < {b}"
