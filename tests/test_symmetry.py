@@ -156,7 +156,7 @@ def test_so2_teleport_keeps_test_function_loss(fn, p):
 
 
 def test_exactness_of_diverged_weights_does_not_crash():
-    W, X, _ = _problem([6, 6, 6, 2])
-    W = (W[0] * math.nan, W[1])
+    W, X, _ = _problem([6, 6, 6, 6, 2])
+    W = (W[0] * math.nan, W[1], W[2])
     ex = exactness(W, X)
     assert ex.verdict == "approximate" and "non-finite" in ex.detail[1]
