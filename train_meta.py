@@ -132,10 +132,12 @@ def main(argv=None) -> int:
         ctx = init_distributed(device, args.backend)  # torchrun's RANK/WORLD_SIZE/...; no group when alone
     except ValueError as e:
         return _fail(str(e))
+    rc = 1
     try:
-        return _train(args, ctx, cfg, methods, CheckpointError)
+        rc = _train(args, ctx, cfg, methods, CheckpointError)
+        return rc
     finally:
-        ctx.close()  # destroy_process_group, also on errors and Ctrl-C
+        ctx.close(clean=rc in (0, 2))  # destroy_process_group, also on errors and Ctrl-C
 
 
 def _train(args, ctx, cfg, methods, CheckpointError) -> int:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -260,8 +261,12 @@ class DistContext:
             dist.barrier()
 
     # -- teardown
-    def close(self) -> None:
-        """Destroy the process group this context created (idempotent; also after errors)."""
+    def close(self, clean: bool = True) -> None:
+        """Destroy the process group this context created (idempotent; also after errors).
+
+        clean: every rank got here without error, so a barrier first lets the last collectives finish on
+        all ranks before any of them tears its connections down (gloo otherwise may abort a peer that is
+        still completing one at exit); after an error (a peer may be gone) the group is destroyed at once."""
         if self._old_sigterm is not None:
             try:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
@@ -269,10 +274,17 @@ class DistContext:
                 pass
             self._old_sigterm = None
         if self.owns_group and dist.is_available() and dist.is_initialized():
+            if clean:
+                try:
+                    dist.barrier()
+                except Exception:  # a peer already gone: tear down anyway
+                    pass
             try:
                 dist.destroy_process_group()
-            except Exception:  # a peer already gone: nothing left to tear down cleanly
-                pass
+            except Exception as e:  # a peer already gone: nothing left to tear down cleanly
+                if clean:
+                    print(f"metatele.distributed: rank {self.rank}: destroy_process_group failed: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}", file=sys.stderr)
         self.owns_group = False
 
 
@@ -325,10 +337,12 @@ def distributed(device: str | torch.device | None = "auto", backend: str | None 
                 **kwargs) -> Iterator[DistContext]:
     """``with distributed(...) as ctx:`` — :func:`init_distributed` with teardown also on errors/Ctrl-C."""
     ctx = init_distributed(device, backend, **kwargs)
+    ok = False
     try:
         yield ctx
+        ok = True
     finally:
-        ctx.close()
+        ctx.close(clean=ok)
 
 
 # ---------------------------------------------------------------------------- trainers
