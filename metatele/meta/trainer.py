@@ -13,6 +13,7 @@ shorter). For each window starting at ``w_{t0}`` (a detached leaf):
 
 1. unroll K inner steps; meta-loss = ``sum_{j=1..K} decay^(K-j) f(L(w_{t0+j}))`` averaged over the
    trajectories (``f``: identity = P2's sum of inner losses, or ``log``, or ratio; ``meta.meta_loss``);
+   if an inner loss becomes non-finite the window stops there and keeps the finite terms before it;
 2. ``meta_loss.backward()`` (no ``retain_graph``: the window's graph is freed);
 3. ``grad_hook(params)`` (e.g. an all-reduce averaging the meta-gradients across processes);
 4. if the meta-loss or any meta-gradient is not finite: the update is skipped and counted;
