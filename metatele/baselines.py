@@ -77,5 +77,7 @@ def run_gd(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *, steps: int, lr: f
         W, L, g2 = gd_step(W, X, Y, lr, loss=loss, slope=slope, bias=bias)
         losses.append(L)
         gnorms.append(g2)
+        if L.is_cuda:  # the clock must wait for the GPU's queued work
+            torch.cuda.synchronize(L.device)
         times.append(time.perf_counter() - t0)
     return GDResult(torch.stack(losses, -1), torch.stack(gnorms, -1), torch.tensor(times), W, reports)
