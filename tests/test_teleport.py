@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import metatele
-from metatele import nets
 from metatele.baselines import run_gd
 from metatele.problems import regression_batch, test_seeds, train_seeds
 from metatele.teleport import random_teleport, teleport_weights

@@ -177,3 +177,21 @@ def summarise(runs: list[list[float]], at: list[int]) -> dict:
     a = np.asarray(runs, dtype=float)
     return {str(e): {"mean": float(a[:, e - 1].mean()), "std": float(a[:, e - 1].std())}
             for e in at if 1 <= e <= a.shape[1]}
+
+
+def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
+             report: Callable[[dict], None] | None = None) -> int:
+    """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
+    numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
+    becomes a one-line error with exit code 2."""
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        res = run(args)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    if report is not None:
+        report(res)
+    print(f"wrote {args.out}/results.json and {figure}.png/.pdf in {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
@@ -152,22 +151,17 @@ def plot(results: dict, out: str) -> None:
     save_figure(fig, out, "correlation")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        res = run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+def _report(res: dict) -> None:
     t = res["table"]
     print(f"models: {t['n_models']}")
     for k in ("phi", "psi", "psi_paper", "train_loss"):
         print(f"corr({k}, validation loss) = {t[k]['r']:.4f} (p = {t[k]['p']:.3g})")
     for k, v in t["vs_generalisation_gap"].items():
         print(f"corr({k}, validation - training loss) = {v['r']:.4f} (p = {v['p']:.3g})")
-    print(f"wrote {args.out}/results.json and correlation.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+
+
+def main(argv=None) -> int:
+    return C.cli_main(argv, parser(), run, "correlation", _report)
 
 
 if __name__ == "__main__":

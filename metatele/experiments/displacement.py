@@ -23,7 +23,6 @@ for a few curvatures, the value the public code's polyline gives, to show the di
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -159,18 +158,13 @@ def plot(res: dict, out: str) -> None:
     save_figure(fig, out, "displacement")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        res = run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+def _report(res: dict) -> None:
     for c in res["polyline_comparison"]:
         print(c)
-    print(f"wrote {args.out}/results.json and displacement.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+
+
+def main(argv=None) -> int:
+    return C.cli_main(argv, parser(), run, "displacement", _report)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ unless ``--shuffle``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -144,15 +143,7 @@ def plot(results: dict, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(f"wrote {args.out}/results.json and optimizers.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return C.cli_main(argv, parser(), run, "optimizers")
 
 
 if __name__ == "__main__":

@@ -161,18 +161,13 @@ def plot(res: dict, out: str) -> None:
     save_figure(fig, out, "regression")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        res = run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+def _report(res: dict) -> None:
     for k, v in res["summary"].items():
         print(k, v)
-    print(f"wrote {args.out}/results.json and regression.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+
+
+def main(argv=None) -> int:
+    return C.cli_main(argv, parser(), run, "regression", _report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
@@ -206,18 +205,13 @@ def plot(results: dict, args) -> None:
     save_figure(fig, args.out, "sharpness_curvature")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        res = run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+def _report(res: dict) -> None:
     for k, v in res["summary"].items():
         print(k, v)
-    print(f"wrote {args.out}/results.json and sharpness_curvature.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+
+
+def main(argv=None) -> int:
+    return C.cli_main(argv, parser(), run, "sharpness_curvature", _report)
 
 
 if __name__ == "__main__":

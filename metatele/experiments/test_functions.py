@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
@@ -186,18 +185,14 @@ def plot(res: dict, out: str) -> None:
     save_figure(fig, out, "test_functions")
 
 
-def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        res = run(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+def _report(res: dict) -> None:
     for name, e in res["functions"].items():
-        print(f"{name}: final loss GD {e['gd']['final_loss']:.3e}, GD + teleport {e['gd_teleport']['final_loss']:.3e}")
-    print(f"wrote {args.out}/results.json and test_functions.png/.pdf in {time.perf_counter() - t0:.1f} s")
-    return 0
+        print(f"{name}: final loss GD {e['gd']['final_loss']:.3e}, "
+              f"GD + teleport {e['gd_teleport']['final_loss']:.3e}")
+
+
+def main(argv=None) -> int:
+    return C.cli_main(argv, parser(), run, "test_functions", _report)
 
 
 if __name__ == "__main__":
