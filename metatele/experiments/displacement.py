@@ -102,18 +102,14 @@ def run(args) -> dict:
            "parabola": {"k": ks, "kappa": 2 * ks, "r": list(PARABOLA_R), "E_dist_over_r": []},
            "circle": {"R": Rs, "kappa": 1 / Rs, "r": list(CIRCLE_R), "E_dist_over_r": []}}
     pb = C.bar(len(PARABOLA_R) * len(ks) + len(CIRCLE_R) * len(Rs), "displacement", args)
-    for r in PARABOLA_R:
-        row = []
-        for k in ks:
-            row.append(expected_displacement(lambda a, b: dist_parabola(a, b, k), r, args.n_angles))
-            pb.update(1)
-        res["parabola"]["E_dist_over_r"].append(row)
-    for r in CIRCLE_R:
-        row = []
-        for R in Rs:
-            row.append(expected_displacement(lambda a, b: dist_circle(a, b, R), r, args.n_angles))
-            pb.update(1)
-        res["circle"]["E_dist_over_r"].append(row)
+    curves = (("parabola", PARABOLA_R, ks, dist_parabola), ("circle", CIRCLE_R, Rs, dist_circle))
+    for name, radii, params, dist in curves:
+        for r in radii:
+            row = []
+            for q in params:
+                row.append(expected_displacement(lambda a, b: dist(a, b, q), r, args.n_angles))
+                pb.update(1)
+            res[name]["E_dist_over_r"].append(row)
     pb.close()
     # the public code's polylines, for comparison at a few points
     n = min(args.n_angles, 2000)
@@ -140,20 +136,15 @@ def run(args) -> dict:
 
 def plot(res: dict, out: str) -> None:
     fig, axes = grid(1, 2, width=4.6, height=3.6)
-    ax = axes[0, 0]
-    for i, r in enumerate(res["parabola"]["r"]):
-        ax.plot(res["parabola"]["kappa"], res["parabola"]["E_dist_over_r"][i], label=f"r = {r}", color=f"C{i}")
-    ax.set_xlabel(r"curvature $\kappa = 2k$ of $y = kx^2$ at the minimum")
-    ax.set_ylabel(r"$E_{w \sim S_r}[\mathrm{dist}(w, \gamma)] / r$")
-    ax.set_title("parabola")
-    ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    for i, r in enumerate(res["circle"]["r"]):
-        ax.plot(res["circle"]["kappa"], res["circle"]["E_dist_over_r"][i], label=f"r = {r}", color=f"C{i}")
-    ax.set_xlabel(r"curvature $\kappa = 1/R$ of the circle")
-    ax.set_ylabel(r"$E_{w \sim S_r}[\mathrm{dist}(w, \gamma)] / r$")
-    ax.set_title("circle through the minimum")
-    ax.legend(fontsize=8)
+    panels = (("parabola", r"curvature $\kappa = 2k$ of $y = kx^2$ at the minimum", "parabola"),
+              ("circle", r"curvature $\kappa = 1/R$ of the circle", "circle through the minimum"))
+    for ax, (name, xlabel, title) in zip(axes[0], panels):
+        for i, r in enumerate(res[name]["r"]):
+            ax.plot(res[name]["kappa"], res[name]["E_dist_over_r"][i], label=f"r = {r}", color=f"C{i}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(r"$E_{w \sim S_r}[\mathrm{dist}(w, \gamma)] / r$")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     fig.suptitle("Expected displacement of a minimum vs curvature (exact distances)")
     save_figure(fig, out, "displacement")
 
