@@ -61,11 +61,7 @@ class TeleportReport:
                 f"{int(self.rolled_back.sum())}, action exactness: {self.exactness.verdict}")
 
 
-def _check_common(steps: int, lr: float, action: str, param: str) -> None:
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+def _check_action(action: str, param: str) -> None:
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; allowed: {ACTIONS}")
     if param not in PARAMETRISATIONS:
@@ -112,7 +108,11 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
     ``loss_tol``: relative loss change above which a step of a loss-preserving action is rolled back.
     Returns ``(new_weights, report)``; the inputs are not modified.
     """
-    _check_common(steps, lr, action, param)
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    _check_action(action, param)
     if cap is not None and not math.isfinite(cap):
         raise ValueError(f"cap must be a finite number or None, got {cap!r}")
     if max_step_norm is not None and not (math.isfinite(max_step_norm) and max_step_norm > 0):
@@ -205,7 +205,7 @@ def random_teleport(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None = Non
 
     ``Y`` is only used to report the loss before and after (objective = squared gradient norm).
     """
-    _check_common(1, 0.0, action, param)
+    _check_action(action, param)
     if not (math.isfinite(magnitude) and magnitude >= 0):
         raise ValueError(f"magnitude must be a finite number >= 0, got {magnitude!r}")
     check_weights(weights, X, bias=bias)
@@ -232,8 +232,8 @@ def random_teleport(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None = Non
         f = loss_fn(loss)
         with torch.no_grad():
             lb, la = f(W, X, Y, slope=slope, bias=bias), f(W_out, X, Y, slope=slope, bias=bias)
-        ob = make_objective("grad_norm", loss=loss, slope=slope, bias=bias)(W, X, Y).detach()
-        oa = make_objective("grad_norm", loss=loss, slope=slope, bias=bias)(W_out, X, Y).detach()
+        grad_norm = make_objective("grad_norm", loss=loss, slope=slope, bias=bias)
+        ob, oa = grad_norm(W, X, Y).detach(), grad_norm(W_out, X, Y).detach()
     else:
         lb = la = ob = oa = nan
     report = TeleportReport(lb, la, ob, oa, good.long(), torch.zeros_like(good), ~good,
