@@ -163,3 +163,41 @@ def test_precond_update_vanishes_with_gradient_and_starts_near_gd():
     c = CoordinateUpdateLSTM(4, param="precond", base_lr=1e-3)
     u1, _ = c(g, c.init_state(2, n_params=30))
     assert torch.allclose(u1 / g, torch.full_like(g, 1e-3), rtol=0.5)
+
+
+def _unrolled_meta_grads(method, defer: bool, K: int = 4):
+    """Meta-gradients of a K-step unrolled window of ``method`` (float64), with or without deferral."""
+    from metatele.meta.higher_adapter import AutogradStepper
+    from metatele.meta.unroll import run_window, start
+
+    method.defer_weight_grads(defer)
+    prob = regression_batch([4, 5, 4, 3], test_seeds(2), dtype=torch.float64)
+    s = start(method, prob.weights, prob.X, prob.Y)
+    _, meta, _ = run_window(method, s, K, AutogradStepper(first_order=True), kind="log")
+    method.zero_grad(set_to_none=True)
+    meta.backward()
+    return {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name,arch", [("lstm_update_tele", "full"), ("lstm_update", "coordinatewise"),
+                                       ("lstm_lr_tele", "full")])
+def test_deferred_weight_gradients_equal_autograd(name, arch):
+    """The meta-trainer's deferred LSTM weight gradients (one matrix product per window) equal plain
+    autograd's per-step accumulation, for every parameter of every learned method (float64)."""
+    torch.manual_seed(0)
+    cfg = LSTMConfig(update_arch=arch, update_hidden=7, tele_hidden=6, lr_tele_hidden=5, coord_hidden=4,
+                     preprocess="log_sign", update_scale=0.01, lr_param="log_sigmoid", lr_init=1e-2,
+                     lr_max=5e-2, lr_min=1e-5)
+    m = LearnedMethod(name, weight_shapes([4, 5, 4, 3]), cfg, TeleportConfig(magnitude=0.05)).double()
+    ref = _unrolled_meta_grads(m, defer=False)
+    got = _unrolled_meta_grads(m, defer=True)
+    assert set(ref) == set(got) and len(ref) == len(list(m.parameters()))
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-10, atol=1e-14), n
+    # accumulation into an existing .grad, as Tensor.backward does
+    from metatele.learned.deferred import deferred_linear
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    w.grad = torch.ones_like(w)
+    deferred_linear(x, w).sum().backward()
+    assert torch.allclose(w.grad, 1 + torch.ones(2, 3, dtype=torch.float64).T @ x)

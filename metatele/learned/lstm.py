@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..symmetry import normalise
+from .deferred import deferred_linear
 from .preprocess import preprocess, preprocessed_width
 
-__all__ = ["LSTMState", "StackedLSTM", "UpdateLSTM", "CoordinateUpdateLSTM", "TeleportLSTM",
+__all__ = ["LSTMState", "lstm_cell", "linear", "StackedLSTM", "UpdateLSTM", "CoordinateUpdateLSTM", "TeleportLSTM",
            "LrTeleportLSTM", "detach_state"]
 
 LSTMState = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -36,8 +37,32 @@ def detach_state(state: LSTMState) -> LSTMState:
     return tuple((h.detach(), c.detach()) for h, c in state)  # type: ignore[return-value]
 
 
+def lstm_cell(x: Tensor, state: tuple[Tensor, Tensor], cell: nn.LSTMCell, defer: bool = False
+              ) -> tuple[Tensor, Tensor]:
+    """One ``nn.LSTMCell`` step ``(h, c) -> (h', c')`` (Hochreiter and Schmidhuber's gates in PyTorch's
+    ``i, f, g, o`` order). ``defer=True`` forms the gradients of ``weight_ih`` and ``weight_hh`` once per
+    backward pass (:mod:`metatele.learned.deferred`); otherwise the fused ``nn.LSTMCell`` kernel runs."""
+    if not (defer and torch.is_grad_enabled()):
+        return cell(x, state)
+    h, c = state
+    gates = deferred_linear(x, cell.weight_ih, cell.bias_ih) + deferred_linear(h, cell.weight_hh, cell.bias_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def linear(layer: nn.Linear, x: Tensor, defer: bool = False) -> Tensor:
+    """``layer(x)``, with the weight gradient deferred when ``defer`` (see :func:`lstm_cell`)."""
+    return deferred_linear(x, layer.weight, layer.bias) if defer else layer(x)
+
+
 class StackedLSTM(nn.Module):
-    """Two stacked ``nn.LSTMCell``s: ``x (N, n_in) -> h_2 (N, hidden)``."""
+    """Two stacked ``nn.LSTMCell``s: ``x (N, n_in) -> h_2 (N, hidden)``.
+
+    ``defer_weight_grad`` (default False; the meta-trainer switches it on): form each weight's gradient
+    once per backward pass with one matrix product over all unrolled steps instead of one per step
+    (:mod:`metatele.learned.deferred`); the same gradient, about 2x less backward time at batch 1.
+    """
 
     def __init__(self, n_in: int, hidden: int):
         super().__init__()
@@ -46,14 +71,15 @@ class StackedLSTM(nn.Module):
         self.n_in, self.hidden = int(n_in), int(hidden)
         self.cell1 = nn.LSTMCell(self.n_in, self.hidden)
         self.cell2 = nn.LSTMCell(self.hidden, self.hidden)
+        self.defer_weight_grad = False
 
     def init_state(self, n: int, dtype=None, device=None) -> LSTMState:
         z = lambda: torch.zeros(n, self.hidden, dtype=dtype, device=device)  # noqa: E731
         return ((z(), z()), (z(), z()))
 
     def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        h1, c1 = self.cell1(x, state[0])
-        h2, c2 = self.cell2(h1, state[1])
+        h1, c1 = lstm_cell(x, state[0], self.cell1, self.defer_weight_grad)
+        h2, c2 = lstm_cell(h1, state[1], self.cell2, self.defer_weight_grad)
         return h2, ((h1, c1), (h2, c2))
 
 
@@ -120,8 +146,8 @@ class UpdateLSTM(_GradLSTM):
 
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         h, state = self.lstm(self._features(grad), state)
-        u = _output_update(self.head(h), grad, self.param, self.out_scale, self.clamp, self.base_lr,
-                           self.log_range)
+        out = linear(self.head, h, self.lstm.defer_weight_grad)
+        u = _output_update(out, grad, self.param, self.out_scale, self.clamp, self.base_lr, self.log_range)
         return u, state
 
 
@@ -157,8 +183,8 @@ class CoordinateUpdateLSTM(nn.Module):
         B, P = grad.shape
         x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.p)
         h, state = self.lstm(x, state)
-        u = _output_update(self.head(h).reshape(B, P), grad, self.param, self.out_scale, self.clamp,
-                           self.base_lr, self.log_range)
+        out = linear(self.head, h, self.lstm.defer_weight_grad).reshape(B, P)
+        u = _output_update(out, grad, self.param, self.out_scale, self.clamp, self.base_lr, self.log_range)
         return u, state
 
 
@@ -177,7 +203,7 @@ class TeleportLSTM(_GradLSTM):
         self.head = nn.Linear(hidden, self.k * self.k)
 
     def _T(self, h: Tensor) -> Tensor:
-        T = self.head(h).reshape(h.shape[0], self.k, self.k)
+        T = linear(self.head, h, self.lstm.defer_weight_grad).reshape(h.shape[0], self.k, self.k)
         return normalise(T, self.magnitude)
 
     def forward(self, grad_pair: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
@@ -216,7 +242,7 @@ class LrTeleportLSTM(TeleportLSTM):
                 self.lr_head.bias.fill_(math.log(frac / (1 - frac)))
 
     def step_size(self, h: Tensor) -> Tensor:
-        z = self.lr_head(h).squeeze(-1)
+        z = linear(self.lr_head, h, self.lstm.defer_weight_grad).squeeze(-1)
         if self.lr_param == "clamp":
             return z.clamp(self.lr_min, self.lr_max)
         log_ratio = math.log(self.lr_max / self.lr_min)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..config import METHODS, LSTMConfig, MetaConfig, TeleportConfig
 from ..nets import flatten, unflatten
-from .lstm import CoordinateUpdateLSTM, LrTeleportLSTM, TeleportLSTM, UpdateLSTM, detach_state
+from .lstm import CoordinateUpdateLSTM, LrTeleportLSTM, StackedLSTM, TeleportLSTM, UpdateLSTM, detach_state
 from .teleport import apply_learned_teleport
 
 __all__ = ["LearnedMethod", "weight_shapes", "pair_gradients"]
@@ -107,6 +107,15 @@ class LearnedMethod(nn.Module):
             lr = meta.lr_lr_teleport if self.learn_lr else meta.lr_teleport
             groups.append({"params": list(self.tele_nets.parameters()), "lr": lr, "name": "teleport"})
         return groups
+
+    def defer_weight_grads(self, enabled: bool = True) -> "LearnedMethod":
+        """Form the LSTM weights' gradients once per backward pass (:mod:`metatele.learned.deferred`):
+        the meta-trainer's ``meta_loss.backward()`` gets the same gradients faster. Off by default, since
+        ``torch.autograd.grad`` with the weights as inputs would then not see them."""
+        for m in self.modules():
+            if isinstance(m, StackedLSTM):
+                m.defer_weight_grad = bool(enabled)
+        return self
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch: int, dtype=None, device=None) -> dict[str, Any]:
