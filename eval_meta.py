@@ -19,7 +19,9 @@ from pathlib import Path
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", action="append", default=[], required=True, help="checkpoint (repeatable)")
+    ap.add_argument("--ckpt", action="append", default=[], required=True,
+                    help="checkpoint (repeatable; several of one method, e.g. from several meta-training seeds, "
+                         "are labelled method@<folder>)")
     ap.add_argument("--seeds", type=int, default=None, help="evaluation initialisations (default 20)")
     ap.add_argument("--steps", type=int, default=None, help="horizon (default: the training horizon)")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     res["wall_s"] = round(time.perf_counter() - t0, 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res))
+    (out / "results.json").write_text(json.dumps(res, allow_nan=False))  # strict JSON: null, not NaN
     table = summary_table(res, first_cfg.eval.report_steps, first_cfg.eval.thresholds)
     (out / "summary.txt").write_text(table + "\n")
     if not args.no_plots:

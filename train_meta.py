@@ -68,8 +68,10 @@ def build_config(args):
             cfg.methods[m].steps = args.steps
     if args.unroll is not None:
         cfg.meta.unroll = args.unroll
-    if args.batch is not None:
+    if args.batch is not None:  # every method, also those with their own methods.<name>.batch
         cfg.train.batch = args.batch
+        for m in cfg.methods.values():
+            m.batch = 0
     if args.seed is not None:
         cfg.train.seed = args.seed
     if args.device is not None:

@@ -13,7 +13,7 @@ TOML layout (every table and key optional)::
     [meta]      truncated BPTT, meta-loss, meta-optimiser
     [train]     seed, batch, device, out, save_every
     [eval]      seeds, GD baselines
-    [methods.lstm_update_tele] trajectories, steps    (one table per method)
+    [methods.lstm_update_tele] trajectories, steps, batch    (one table per method)
 """
 from __future__ import annotations
 
@@ -294,14 +294,17 @@ class EvalConfig:
 
 @dataclass
 class MethodConfig:
-    """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps."""
+    """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps,
+    ``batch`` of them per meta-batch (0: ``train.batch``)."""
 
     trajectories: int
     steps: int
+    batch: int = 0
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
         _check_range(f"methods.{name}.steps", self.steps, 1, 10**7, integer=True)
+        _check_range(f"methods.{name}.batch", self.batch, 0, 10**6, integer=True)
 
 
 def _paper_methods() -> dict[str, MethodConfig]:
@@ -317,6 +320,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: dict[str, MethodConfig] = field(default_factory=_paper_methods)
+
+    def batch_of(self, method: str) -> int:
+        """Trajectories per meta-batch of ``method``: its own ``batch``, else ``train.batch``."""
+        m = self.methods.get(method)
+        return m.batch if m is not None and m.batch > 0 else self.train.batch
 
     def validate(self) -> "Config":
         self.problem.validate()

@@ -361,7 +361,7 @@ def attach(trainer, ctx: DistContext, *, broadcast: bool = True):
                          f"{ctx.rank} of {ctx.world_size}")
     if not ctx.distributed:
         return trainer
-    B = trainer.cfg.train.batch
+    B = trainer.batch
     weight = len(trainer.seeds_for(0)) / B
 
     def grad_hook(params):

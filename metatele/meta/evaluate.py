@@ -18,9 +18,11 @@ from ..config import Config, EvalConfig, config_from_dict
 from ..learned.methods import LearnedMethod
 from ..problems import is_train_seed, regression_batch, test_seeds, train_seeds
 from .trainer import DTYPES, build_method
+from .distributed import resolve_device
 from .unroll import rollout
 
-__all__ = ["load_method", "trained_seeds", "evaluate", "summary_table", "steps_to_reach"]
+__all__ = ["load_method", "trained_seeds", "method_labels", "finite_or_none", "evaluate", "run_entry",
+           "summary_table", "steps_to_reach"]
 
 
 def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]]:
@@ -46,8 +48,35 @@ def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]
 def trained_seeds(ck: dict[str, Any]) -> list[int]:
     """Training seeds a checkpoint has seen (from its progress and schedule)."""
     cfg = ck["config"]["train"]
-    n = int(ck["progress"]["meta_batch"]) * int(cfg["batch"])  # train.batch is the global meta-batch
+    batch = int(ck["config"].get("methods", {}).get(ck["method"], {}).get("batch", 0) or cfg["batch"])
+    n = int(ck["progress"]["meta_batch"]) * batch  # the global meta-batch of this method
     return train_seeds(n, start=int(cfg["seed_offset"]))
+
+
+def method_labels(names: Sequence[str], paths: Sequence[str | Path]) -> list[str]:
+    """One label per checkpoint: the method's name, or ``name@<folder>`` (``name@<k>`` if the folders
+    coincide) when several checkpoints hold the same method (e.g. several meta-training seeds)."""
+    labels = []
+    for n, p in zip(names, paths):
+        if names.count(n) == 1:
+            labels.append(n)
+            continue
+        same = [Path(q) for m, q in zip(names, paths) if m == n]
+        parents = [q.parent.name or str(q.parent) for q in same]
+        key = Path(p).parent.name or str(Path(p).parent)
+        labels.append(f"{n}@{key}" if len(set(parents)) == len(parents) else f"{n}@{same.index(Path(p))}")
+    return labels
+
+
+def finite_or_none(values) -> list:
+    """A list of numbers as strict JSON allows: non-finite entries become ``None`` (nested lists too)."""
+    out = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out.append(finite_or_none(v))
+        else:
+            out.append(float(v) if math.isfinite(v) else None)
+    return out
 
 
 def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: int | None = None,
@@ -59,8 +88,12 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
     steps: horizon (default: the longest training horizon among the checkpoints).
     device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one); the initialisations are
     drawn on CPU generators and moved, so every device sees the same problems.
-    Returns the ``results.json`` dict: ``{"methods": {name: {loss_mean, loss_std, grad_norm_mean,
-    time_mean, ...}}, "eval_seeds", "train_seeds", "steps", "dims"}``.
+    Several checkpoints of one method (e.g. several meta-training seeds) get distinct labels
+    (:func:`method_labels`). Returns the ``results.json`` dict: ``{"methods": {label: {"method",
+    loss_mean, loss_std, ..., "loss" (inits x steps), "grad_norm_sq" (inits x steps), "diverged"
+    (per init)}}, "eval_seeds", "train_seeds", "steps", "dims"}``; curves are strict JSON (a
+    non-finite loss is ``null``, its initialisation is marked diverged; the statistics are over the
+    finite runs at each step).
     """
     loaded = [load_method(p) for p in ckpts]
     if not loaded and eval_cfg is None:
@@ -71,9 +104,7 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
             raise ProblemMismatch(f"{p} was trained on problem dims {c.problem.dims}, the first checkpoint "
                                   f"on {dims}: they cannot be compared on the same initialisations")
     names = [m.name for m, _, _ in loaded]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"two checkpoints of the same method {dup}; pass one per method")
+    labels = method_labels(names, ckpts)
     ecfg = eval_cfg or (loaded[0][1].eval if loaded else EvalConfig())
     n_seeds = ecfg.seeds if seeds is None else int(seeds)
     if n_seeds < 1:
@@ -88,11 +119,10 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
     overlap = set(ev) & set(tr)
     if overlap or any(is_train_seed(s) for s in ev):  # impossible by construction; checked anyway
         raise RuntimeError(f"evaluation seeds overlap training seeds: {sorted(overlap)[:5]}")
-    from .distributed import resolve_device
-
     dev = resolve_device(device)
     prob = regression_batch(dims, ev, dtype=dtype, device=dev)
     runs: dict[str, dict[str, torch.Tensor]] = {}
+    method_of = {}
     if include_baselines:
         r = run_gd(prob.weights, prob.X, prob.Y, steps=steps, lr=ecfg.gd_lr)
         runs["gd"] = {"loss": r.loss, "grad_norm_sq": r.grad_norm_sq, "time": r.time}
@@ -101,33 +131,60 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
                    teleport_kwargs={"steps": ecfg.tele_steps, "lr": ecfg.tele_lr,
                                     "max_step_norm": ecfg.tele_max_step_norm or None})
         runs["gd_tele"] = {"loss": r.loss, "grad_norm_sq": r.grad_norm_sq, "time": r.time}
+        method_of.update(gd="gd", gd_tele="gd_tele")
         if progress:
             progress("gd, gd_tele")
-    for m, _, _ in loaded:
-        runs[m.name] = rollout(m.to(dev), prob.weights, prob.X, prob.Y, steps)
+    for (m, _, _), label in zip(loaded, labels):
+        runs[label] = rollout(m.to(dev), prob.weights, prob.X, prob.Y, steps)
+        method_of[label] = m.name
         if progress:
-            progress(m.name)
+            progress(label)
     out = {"methods": {}, "eval_seeds": ev, "train_seeds": tr, "steps": steps, "dims": dims,
-           "checkpoints": {m.name: str(p) for (m, _, _), p in zip(loaded, ckpts)},
+           "checkpoints": {label: str(p) for label, p in zip(labels, ckpts)},
            "gd_lr": ecfg.gd_lr, "device": str(dev)}
     for name, r in runs.items():
-        L = r["loss"].double()
-        entry = {"loss_mean": L.mean(0).tolist(), "loss_std": L.std(0, unbiased=False).tolist(),
-                 "loss_median": L.median(0).values.tolist(),
-                 "loss_min": L.min(0).values.tolist(), "loss_max": L.max(0).values.tolist(),
-                 "grad_norm_mean": r["grad_norm_sq"].double().mean(0).tolist(),
-                 "time_mean": r["time"].double().tolist(),
-                 "final_loss": L[:, -1].tolist()}
-        if "lr" in r and name == "lstm_lr_tele":
-            entry["lr_mean"] = r["lr"].double().mean(0).tolist()
-        out["methods"][name] = entry
+        out["methods"][name] = run_entry(method_of[name], r)
     return out
+
+
+def run_entry(method: str, r: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The results.json entry of one evaluated method from its rollout tensors (``loss (B, steps)``,
+    ``grad_norm_sq (B, steps)``, ``time (steps,)``, optional ``lr``): per-step statistics over the
+    initialisations whose loss is finite at that step, and the per-initialisation curves."""
+    L = r["loss"].detach().double().cpu()
+    G = r["grad_norm_sq"].detach().double().cpu()
+    ok = torch.isfinite(L)
+    Ln = torch.where(ok, L, torch.full_like(L, float("nan")))
+    entry = {"method": method,
+             "loss_mean": Ln.nanmean(0).tolist(),
+             "loss_std": _nanstd(Ln).tolist(),
+             "loss_median": Ln.nanmedian(0).values.tolist(),
+             "loss_min": torch.where(ok, L, torch.full_like(L, float("inf"))).min(0).values.tolist(),
+             "loss_max": torch.where(ok, L, torch.full_like(L, float("-inf"))).max(0).values.tolist(),
+             "grad_norm_mean": G.where(torch.isfinite(G), torch.full_like(G, float("nan"))).nanmean(0).tolist(),
+             "time_mean": r["time"].double().tolist(),
+             "final_loss": L[:, -1].tolist(),
+             "loss": L.tolist(), "grad_norm_sq": G.tolist(),
+             "diverged": (~ok.all(1)).tolist()}
+    if "lr" in r and method == "lstm_lr_tele":
+        entry["lr_mean"] = r["lr"].double().mean(0).tolist()
+    return {k: (finite_or_none(v) if k not in ("method", "diverged") else v) for k, v in entry.items()}
+
+
+def _nanstd(a: torch.Tensor) -> torch.Tensor:
+    """Population std over dim 0 ignoring NaNs (NaN where no entry is finite)."""
+    m = a.nanmean(0)
+    return ((a - m) ** 2).nanmean(0).sqrt()
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def steps_to_reach(loss_mean: Sequence[float], threshold: float) -> int | None:
     """First step whose mean loss is <= ``threshold`` (None if never)."""
     for t, v in enumerate(loss_mean):
-        if math.isfinite(v) and v <= threshold:
+        if v is not None and math.isfinite(v) and v <= threshold:
             return t
     return None
 
@@ -143,7 +200,7 @@ def summary_table(results: dict[str, Any], report_steps: Sequence[int], threshol
     head = f"{'method':<18}" + "".join(f"{'loss@' + str(t):>22}" for t in rs)
     lines.append(head)
     for name, e in results["methods"].items():
-        row = f"{name:<18}" + "".join(f"{e['loss_mean'][t]:>12.4g} ± {e['loss_std'][t]:<8.2g}" for t in rs)
+        row = f"{name:<18}" + "".join(f"{_num(e['loss_mean'][t]):>12.4g} ± {_num(e['loss_std'][t]):<8.2g}" for t in rs)
         lines.append(row)
     lines.append("")
     head = f"{'method':<18}" + "".join(f"{'steps to ' + format(th, 'g'):>18}{'speed-up':>10}" for th in thresholds)

@@ -7,7 +7,7 @@ through the ``higher`` adapter) and this outer loop.
 
 What enters the meta-loss and where the graph is cut
 ----------------------------------------------------
-A meta-batch is ``train.batch`` trajectories (one batch dimension, one call per step) of
+A meta-batch is ``B = methods.<name>.batch`` (else ``train.batch``) trajectories (one batch dimension, one call per step) of
 ``methods.<name>.steps`` inner steps, split into windows of ``meta.unroll`` = K steps (the last may be
 shorter). For each window starting at ``w_{t0}`` (a detached leaf):
 
@@ -22,7 +22,7 @@ shorter). For each window starting at ``w_{t0}`` (a detached leaf):
 
 If the inner weights themselves become non-finite, the rest of the meta-batch is abandoned (counted as
 ``diverged``). Meta-batch ``i`` uses the training seeds with indices ``seed_offset + i B ... + B - 1``
-(``B = train.batch``, the *global* meta-batch); in a world of ``n`` data-parallel processes rank ``r``
+(``B``, the *global* meta-batch); in a world of ``n`` data-parallel processes rank ``r``
 unrolls the contiguous share ``[r B // n, (r + 1) B // n)`` of them (:meth:`MetaTrainer.seeds_for`,
 :mod:`metatele.meta.distributed`), so a run is a pure function of (configuration, global step) whatever the
 number of processes, which is what makes resuming exact, also on another number of processes.
@@ -118,7 +118,8 @@ class MetaTrainer:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         from .distributed import resolve_device, shard
 
-        shard(cfg.train.batch, rank, world_size)  # clear error if world_size > train.batch
+        self.batch = cfg.batch_of(method_name)  # global meta-batch: methods.<name>.batch or train.batch
+        shard(self.batch, rank, world_size)  # clear error if world_size > the meta-batch
         if stepper not in ("higher", "autograd"):
             raise ValueError(f"stepper {stepper!r}; allowed: ['higher', 'autograd']")
         self.name, self.cfg = method_name, cfg
@@ -137,14 +138,14 @@ class MetaTrainer:
     # ------------------------------------------------------------------ schedule
     @property
     def n_meta_batches(self) -> int:
-        return math.ceil(self.counts.trajectories / self.cfg.train.batch)
+        return math.ceil(self.counts.trajectories / self.batch)
 
     def seeds_for(self, meta_batch: int) -> list[int]:
         """Training seeds of meta-batch ``meta_batch`` on this rank: its share of the ``train.batch`` seeds
         of the meta-batch (disjoint across ranks and steps; the union over ranks is one process's batch)."""
         from .distributed import shard
 
-        B = self.cfg.train.batch
+        B = self.batch
         lo, hi = shard(B, self.rank, self.world_size)
         first = self.cfg.train.seed_offset + meta_batch * B + lo
         return train_seeds(hi - lo, start=first)
@@ -209,7 +210,7 @@ class MetaTrainer:
                 diverged = True
                 break
         self.progress.meta_batch = i + 1
-        self.progress.trajectories += self.cfg.train.batch  # global: the whole world's meta-batch
+        self.progress.trajectories += self.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
         self.progress.wall += time.perf_counter() - t_begin
         mean = sum(metas) / len(metas) if metas else float("nan")
