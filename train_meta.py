@@ -116,6 +116,7 @@ def train_one(trainer, path: Path, show_progress: bool) -> tuple[bool, dict]:
     p = trainer.progress
     return interrupted, {"method": trainer.name, "meta_batches": p.meta_batch, "trajectories": p.trajectories,
                          "updates": p.updates, "skipped": p.skipped, "diverged": p.diverged,
+                         "dropped": p.dropped,
                          "wall_s": round(p.wall, 2), "final_meta_loss": p.history[-1] if p.history else None}
 
 
@@ -178,7 +179,7 @@ def _train(args, ctx, cfg, methods, CheckpointError) -> int:
             return 1
         say(f"{summ['method']}: {summ['meta_batches']} meta-batches, {summ['trajectories']} trajectories, "
             f"{summ['updates']} meta-updates, {summ['skipped']} skipped (non-finite), {summ['diverged']} "
-            f"diverged, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
+            f"diverged, {summ['dropped']} trajectories dropped, {summ['wall_s']} s, last meta-loss {summ['final_meta_loss']}; saved {path}")
         if interrupted:
             say(f"interrupted: saved {path} at meta-batch {summ['meta_batches']}; continue with "
                 f"--resume {path}", file=sys.stderr)

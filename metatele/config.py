@@ -152,7 +152,10 @@ class TeleportConfig:
     action: ``"inverse"`` (exact: ``U g^{-1}`` with a true inverse, ``V -> sigma^{-1}(g sigma(VX)) X^+``)
       or ``"linearised"`` (P2's learned teleport, ``U (I - T)``: first order only).
     param: group element from ``T``: ``"I+T"`` (P2) or ``"exp"`` (``exp(T)``); ignored by ``linearised``.
-    magnitude: ``||T||_F`` after normalisation (P2: 0.01).
+    magnitude: ``||T||_F`` after normalisation (P2: 0.01); with ``magnitude_mode = "learned"`` the largest
+      ``||T||_F``.
+    magnitude_mode: ``"fixed"`` (P2: every teleport has ``||T||_F = magnitude``) or ``"learned"`` (the
+      teleport LSTM also outputs ``s`` in (0, 1) and ``||T||_F = s * magnitude``: it decides how far to go).
     order: ``"update_then_teleport"`` (P2: step t updates w_t with the gradient at w_t, then teleports
       the result with T computed from the same gradient) or ``"teleport_then_update"`` (teleport w_t with
       T computed from the gradient at w_t, then update with the gradient at the teleported point; one
@@ -165,6 +168,7 @@ class TeleportConfig:
     action: str = "inverse"
     param: str = "I+T"
     magnitude: float = 0.01
+    magnitude_mode: str = "fixed"
     order: str = "update_then_teleport"
     every: int = 1
     compute_dtype: str = "float64"
@@ -173,6 +177,7 @@ class TeleportConfig:
         _check_choice("teleport.action", self.action, ("inverse", "linearised"))
         _check_choice("teleport.param", self.param, ("I+T", "exp"))
         _check_range("teleport.magnitude", self.magnitude, 0, 1.0)
+        _check_choice("teleport.magnitude_mode", self.magnitude_mode, ("fixed", "learned"))
         _check_choice("teleport.order", self.order, ("update_then_teleport", "teleport_then_update"))
         _check_range("teleport.every", self.every, 1, 10**9, integer=True)
         _check_choice("teleport.compute_dtype", self.compute_dtype, ("float64", "same"))
@@ -229,6 +234,10 @@ class TrainConfig:
       or ``"cuda:N"``.
     out: checkpoint folder.
     save_every: write the checkpoint every this many meta-batches (and at the end, and on Ctrl-C).
+    drop_diverged: when some trajectories of a meta-batch diverge (non-finite weights or loss), go on with
+      the others (True) instead of abandoning the whole meta-batch (False: the behaviour before this
+      option; data-parallel runs always abandon it). With many trajectories per meta-batch, abandoning
+      loses most of the meta-updates of the methods that diverge more often.
     """
 
     seed: int = 0
@@ -237,6 +246,7 @@ class TrainConfig:
     device: str = "auto"
     out: str = "checkpoints"
     save_every: int = 10
+    drop_diverged: bool = True
 
     def validate(self) -> None:
         _check_range("train.seed", self.seed, 0, 2**63 - 1, integer=True)
@@ -248,6 +258,8 @@ class TrainConfig:
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"train.out = {self.out!r} must be a folder path")
         _check_range("train.save_every", self.save_every, 1, 10**9, integer=True)
+        if not isinstance(self.drop_diverged, bool):
+            raise ValueError(f"train.drop_diverged = {self.drop_diverged!r} must be true or false")
 
 
 @dataclass

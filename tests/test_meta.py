@@ -231,3 +231,32 @@ def test_diverging_window_keeps_finite_terms():
     assert torch.isfinite(meta)
     g = torch.autograd.grad(meta, list(m.parameters()), allow_unused=True)
     assert all(x is None or bool(torch.isfinite(x).all()) for x in g)
+
+
+def test_diverged_trajectories_are_dropped_not_the_meta_batch():
+    """With train.drop_diverged, a trajectory whose weights go non-finite leaves its meta-batch and the
+    others go on to the end; without it the whole meta-batch is abandoned."""
+    def run(drop: bool):
+        cfg = tiny_config()
+        cfg.train.drop_diverged = drop
+        cfg.methods["lstm_update"].steps = 9
+        tr = MetaTrainer("lstm_update", cfg, stepper="autograd")
+        state = {}
+        orig = tr.method.propose_update
+
+        def poisoned(w, g, st):  # trajectory 0 blows up at inner step 4
+            new, st = orig(w, g, st)
+            state["t"] = state.get("t", -1) + 1
+            if state["t"] == 4:
+                new = tuple(torch.cat([torch.full_like(x[:1], float("inf")), x[1:]]) for x in new)
+            return new, st
+
+        tr.method.propose_update = poisoned
+        ts = []
+        r = tr.run_meta_batch(on_window=lambda info: ts.append(info["t"]))
+        return tr.progress, r, ts
+
+    p, r, ts = run(True)
+    assert p.dropped == 1 and p.diverged == 0 and not r["diverged"] and ts[-1] == 9
+    p, r, ts = run(False)
+    assert p.dropped == 0 and p.diverged == 1 and r["diverged"] and ts[-1] < 9

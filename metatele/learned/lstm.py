@@ -31,6 +31,9 @@ __all__ = ["LSTMState", "lstm_cell", "linear", "StackedLSTM", "UpdateLSTM", "Coo
 
 LSTMState = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 
+#: How the teleport LSTMs set ``||T||_F``: fixed at ``magnitude`` (P2) or learned in ``(0, magnitude)``.
+MAGNITUDE_MODES = ("fixed", "learned")
+
 
 def detach_state(state: LSTMState) -> LSTMState:
     """Cut the graph behind a recurrent state (truncated BPTT window boundary)."""
@@ -197,14 +200,28 @@ class TeleportLSTM(_GradLSTM):
     """
 
     def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 300, *, magnitude: float = 0.01,
-                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0):
+                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0,
+                 magnitude_mode: str = "fixed"):
         super().__init__(n_in, hidden, preprocess, p, input_scale)
-        self.k, self.magnitude = int(k), float(magnitude)
+        if magnitude_mode not in MAGNITUDE_MODES:
+            raise ValueError(f"magnitude_mode = {magnitude_mode!r}; allowed: {list(MAGNITUDE_MODES)}")
+        self.k, self.magnitude, self.magnitude_mode = int(k), float(magnitude), magnitude_mode
         self.head = nn.Linear(hidden, self.k * self.k)
+        self.mag_head = None
+        if magnitude_mode == "learned":  # ||T|| = magnitude * sigmoid(mag_head(h)), starts near 0.88 magnitude
+            self.mag_head = nn.Linear(hidden, 1)
+            with torch.no_grad():
+                self.mag_head.weight.mul_(0.1)
+                self.mag_head.bias.fill_(2.0)
 
     def _T(self, h: Tensor) -> Tensor:
-        T = linear(self.head, h, self.lstm.defer_weight_grad).reshape(h.shape[0], self.k, self.k)
-        return normalise(T, self.magnitude)
+        """``T = magnitude * s * D / ||D||_F`` with ``D`` the head's ``k x k`` output and ``s = 1`` (P2,
+        ``"fixed"``) or ``s = sigmoid(mag_head(h))`` in ``(0, 1)`` (``"learned"``: how far to teleport)."""
+        T = normalise(linear(self.head, h, self.lstm.defer_weight_grad).reshape(h.shape[0], self.k, self.k),
+                      self.magnitude)
+        if self.mag_head is not None:
+            T = T * torch.sigmoid(linear(self.mag_head, h, self.lstm.defer_weight_grad)).unsqueeze(-1)
+        return T
 
     def forward(self, grad_pair: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         h, state = self.lstm(self._features(grad_pair), state)
@@ -223,9 +240,9 @@ class LrTeleportLSTM(TeleportLSTM):
     def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 20, *, magnitude: float = 0.01,
                  preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0,
                  lr_min: float = 1e-7, lr_max: float = 5e-3, lr_param: str = "clamp",
-                 lr_init: float = 1e-4):
+                 lr_init: float = 1e-4, magnitude_mode: str = "fixed"):
         super().__init__(n_in, k, hidden, magnitude=magnitude, preprocess=preprocess, p=p,
-                         input_scale=input_scale)
+                         input_scale=input_scale, magnitude_mode=magnitude_mode)
         if not 0 < lr_min < lr_max:
             raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
         if lr_param not in ("clamp", "log_sigmoid"):

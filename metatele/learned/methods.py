@@ -79,7 +79,8 @@ class LearnedMethod(nn.Module):
                 k = self.shapes[i][0]
                 n_in = self.shapes[i][0] * self.shapes[i][1] + self.shapes[i + 1][0] * self.shapes[i + 1][1]
                 tp = lstm.preprocess if lstm.tele_preprocess == "same" else lstm.tele_preprocess
-                common = dict(magnitude=self.tele_cfg.magnitude, preprocess=tp,
+                common = dict(magnitude=self.tele_cfg.magnitude, magnitude_mode=self.tele_cfg.magnitude_mode,
+                              preprocess=tp,
                               p=lstm.preprocess_p, input_scale=lstm.input_scale)
                 if self.learn_lr:
                     nets.append(LrTeleportLSTM(n_in, k, lstm.lr_tele_hidden, lr_min=lstm.lr_min,
@@ -135,6 +136,24 @@ class LearnedMethod(nn.Module):
         return {"update": None if state["update"] is None else detach_state(state["update"]),
                 "tele": None if state["tele"] is None else [detach_state(s) for s in state["tele"]],
                 "lr": state["lr"].detach()}
+
+    @staticmethod
+    def select_state(state: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+        """The recurrent state of the trajectories ``keep`` (indices into the batch ``B``); rows of a
+        coordinatewise LSTM state (``B * P``) are selected trajectory by trajectory."""
+        B = state["lr"].shape[0]
+
+        def rows(x: Tensor) -> Tensor:
+            if x.shape[0] == B:
+                return x.index_select(0, keep)
+            return x.reshape(B, -1, x.shape[-1]).index_select(0, keep).reshape(-1, x.shape[-1])
+
+        def lstm(st):
+            return tuple((rows(h), rows(c)) for h, c in st)
+
+        return {"update": None if state["update"] is None else lstm(state["update"]),
+                "tele": None if state["tele"] is None else [lstm(s) for s in state["tele"]],
+                "lr": state["lr"].index_select(0, keep)}
 
     # ------------------------------------------------------------------ the step pieces
     def propose_update(self, weights: Sequence[Tensor], grads: Sequence[Tensor],

@@ -97,7 +97,7 @@ def train_seed(cfg: Config, method: str, path: Path, *, log=print) -> float:
     tr.save(path)
     p = tr.progress
     log(f"{path}: {p.meta_batch} meta-batches, {p.updates} meta-updates, {p.skipped} skipped, "
-        f"{p.diverged} diverged, {p.wall:.1f} s")
+        f"{p.diverged} meta-batches abandoned, {p.dropped} diverged trajectories dropped, {p.wall:.1f} s")
     return p.wall
 
 

@@ -60,6 +60,7 @@ class Progress:
     updates: int = 0         # meta-updates applied
     skipped: int = 0         # meta-updates skipped: non-finite meta-loss or meta-gradient
     diverged: int = 0        # meta-batches abandoned because the inner weights went non-finite
+    dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone)
     wall: float = 0.0        # seconds spent in meta-batches
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
 
@@ -197,9 +198,18 @@ class MetaTrainer:
             applied = self._meta_update(meta)
             m = float(meta.detach()) / k
             s = s.cut()
-            bad = not all(bool(torch.isfinite(w).all()) for w in s.weights)
+            rows_bad = ~torch.isfinite(rec[-1])
+            for w in s.weights:
+                rows_bad |= ~torch.isfinite(w).flatten(1).all(1)
+            bad = bool(rows_bad.any())
             if self.window_hook is not None:  # world-wide meta-loss; stop on every rank if one diverged
                 m, bad = self.window_hook(m, bad)
+            elif bad and self.cfg.train.drop_diverged and not bool(rows_bad.all()):
+                # go on with the trajectories that are still finite (one diverged initialisation does
+                # not cost the other B - 1 the rest of their meta-batch)
+                self.progress.dropped += int(rows_bad.sum())
+                s = s.select((~rows_bad).nonzero().squeeze(1))
+                bad = False
             if math.isfinite(m):
                 metas.append(m)
             info = {"meta_batch": i, "t": s.t, "meta_loss": m, "applied": applied,

@@ -55,6 +55,12 @@ class InnerState:
         w = tuple(x.detach().requires_grad_(requires_grad) for x in self.weights)
         return InnerState(w, self.X, self.Y, self.X_pinv, LearnedMethod.detach_state(self.lstm), self.t)
 
+    def select(self, keep: Tensor) -> "InnerState":
+        """The trajectories ``keep`` (indices into the batch) alone, e.g. to go on without diverged ones."""
+        pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
+        return InnerState(tuple(pick(w) for w in self.weights), pick(self.X), pick(self.Y), pick(self.X_pinv),
+                          LearnedMethod.select_state(self.lstm, keep), self.t)
+
 
 def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
           requires_grad: bool = True) -> InnerState:
