@@ -252,7 +252,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on unseen seeds (odd seeds, ``problems.test_seeds``).
+    """Evaluation on unseen seeds (odd seeds, ``problems.eval_seeds``).
 
     seeds: number of evaluation initialisations (P2: 5; metatele: 20).
     seed_offset: first test-seed index.

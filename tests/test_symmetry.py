@@ -147,7 +147,7 @@ def test_bad_group_elements():
 
 
 @pytest.mark.parametrize("fn,p", [(ROSENBROCK, [-1.0, -1.0]), (BOOTH, [5.0, -5.0])])
-def test_so2_teleport_keeps_test_function_loss(fn, p):
+def test_so2_teleport_keeps_benchmark_function_loss(fn, p):
     p = torch.tensor(p, dtype=DT)
     for theta in torch.linspace(-3, 3, 13, dtype=DT):
         q = so2_teleport(fn, p, theta)

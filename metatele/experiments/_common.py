@@ -183,7 +183,11 @@ def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
              report: Callable[[dict], None] | None = None) -> int:
     """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
     numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
-    becomes a one-line error with exit code 2."""
+    becomes a one-line error with exit code 2. The figures are only written to files, so the command
+    selects matplotlib's non-interactive ``Agg`` backend (importing :mod:`metatele.plots` does not)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
