@@ -1,6 +1,6 @@
 """Seeded problem families.
 
-Regression family of the meta-learning experiments (SPEC section 6): two-layer (or deeper) LeakyReLU
+Regression family of the meta-learning experiments (docs/meta_learning.md, section 1): two-layer (or deeper) LeakyReLU
 networks ``dims = [b, d_in, h_1, ..., d_out]`` with ``W_i``, ``X`` and ``Y`` uniform in [0, 1), each
 trajectory drawn from its own seed. Meta-training and evaluation seeds come from disjoint streams:
 train seeds are even (``2 i``), evaluation seeds are odd (``2 i + 1``), so no evaluation trajectory can ever

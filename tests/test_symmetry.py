@@ -48,7 +48,8 @@ def test_uniform_paper_problem_exact():
 
 
 def test_sequential_layers_use_transformed_hidden_values():
-    """Recomputing h from the transformed earlier weights is exact; reusing the old h (defect 8.1) is not."""
+    """Recomputing h from the transformed earlier weights is exact; reusing the old h is not (the public
+    code's version, docs/departures.md, section 1)."""
     W, X, Y = _problem([6, 6, 6, 6, 2])
     gs = _elements(W, 0.5, "exp")
     L0 = nets.mse_loss(W, X, Y)

@@ -18,7 +18,7 @@ from ..data import DATASETS, DataSplits, DatasetNotFoundError, Split, iterate_mi
 from ..nets import init_linear, to_sequential
 from ..optim import TeleportingOptimizer
 
-#: P2's base learning rates (SPEC section 5); the 8x8 digits follow MNIST.
+#: P2's base learning rates (docs/experiments.md, section 1); the 8x8 digits follow MNIST.
 BASE_LR = {"digits": 1e-2, "mnist": 1e-2, "fashion_mnist": 1e-2, "cifar10": 2e-2}
 #: Which of P2's sharpness radii a dataset uses (``metatele.objectives.SHARPNESS_RADII``).
 RADII_KEY = {"digits": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
@@ -37,7 +37,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default="data", help="folder holding MNIST/, FashionMNIST/, cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="let torchvision download missing files")
     p.add_argument("--test-as-val", action="store_true",
-                   help="report the test set as validation, as the papers' code does (SPEC 8.7)")
+                   help="report the test set as validation, as the papers' code does (docs/departures.md, section 7)")
     p.add_argument("--split-seed", type=int, default=1, help="seed of the train/validation split (P2: 1)")
 
 

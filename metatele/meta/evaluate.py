@@ -1,7 +1,7 @@
-"""Evaluation of trained meta-optimisers against GD and GD with hand-designed teleport (SPEC section 6).
+"""Evaluation of trained meta-optimisers against GD and GD with hand-designed teleport (docs/meta_learning.md, section 6).
 
 Every method runs on exactly the same unseen initialisations (odd seeds, :func:`metatele.problems.eval_seeds`)
-for the whole horizon under ``torch.no_grad`` (the public code's evaluation without it is SPEC defect 8.6).
+for the whole horizon under ``torch.no_grad`` (the public code evaluates without it: docs/departures.md, section 6).
 Records per step: ``L(w_t)`` before the update of step t, ``||grad L(w_t)||^2``, cumulative wall-clock.
 """
 from __future__ import annotations

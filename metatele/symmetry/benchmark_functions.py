@@ -1,4 +1,4 @@
-"""SO(2) symmetries of two-dimensional benchmark functions (P1 section 5, SPEC section 3).
+"""SO(2) symmetries of two-dimensional benchmark functions (P1 section 5; docs/mathematics.md, section 3.7).
 
 A loss written as ``L = u^2 + v^2`` with an invertible reparametrisation ``(u, v) = phi(x, y)`` is kept by
 any rotation of ``(u, v)``: teleporting ``(x, y)`` means ``phi^{-1}(R_theta phi(x, y))``.
