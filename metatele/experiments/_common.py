@@ -179,15 +179,26 @@ def summarise(runs: list[list[float]], at: list[int]) -> dict:
             for e in at if 1 <= e <= a.shape[1]}
 
 
+#: Printed under every experiment's ``--help``: what the short names P1 and P2 in the help texts stand for.
+PAPERS_EPILOG = ("P1: Zhao, Dehmamy, Walters, Yu, Symmetry Teleportation for Accelerated Optimization, NeurIPS 2022,\n"
+                 "    arXiv:2205.10637.\n"
+                 "P2: Zhao, Gower, Walters, Yu, Improving Convergence and Generalization Using Parameter Symmetries,\n"
+                 "    ICLR 2024, arXiv:2305.13404.\n"
+                 "More in docs/references.md.")
+
+
 def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
              report: Callable[[dict], None] | None = None) -> int:
     """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
     numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
     becomes a one-line error with exit code 2. The figures are only written to files, so the command
-    selects matplotlib's non-interactive ``Agg`` backend (importing :mod:`metatele.plots` does not)."""
+    selects matplotlib's non-interactive ``Agg`` backend (importing :mod:`metatele.plots` does not), and
+    ``--help`` ends with the papers behind the short names P1 and P2."""
     import matplotlib
 
     matplotlib.use("Agg")
+    if parser.epilog is None:
+        parser.epilog = PAPERS_EPILOG
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
