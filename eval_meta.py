@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate trained meta-optimisers against GD and GD with hand-designed teleport (SPEC section 6).
+"""Evaluate trained meta-optimisers against GD and GD with hand-designed teleport (docs/meta_learning.md, section 6).
 
     python eval_meta.py --ckpt checkpoints/lstm_update_tele.pt --ckpt checkpoints/lstm_update.pt \\
                         --ckpt checkpoints/lstm_lr_tele.pt [--seeds 20] [--steps N] [--out results/]

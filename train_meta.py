@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Meta-train P2's learned optimisers (SPEC section 6) and write one checkpoint per method.
+"""Meta-train P2's learned optimisers (P2 section 6; docs/meta_learning.md) and write one checkpoint per method.
 
     python train_meta.py                                  # configs/default.toml, all three methods
     python train_meta.py --config configs/paper.toml      # the paper's counts

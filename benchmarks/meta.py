@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Meta-training speed and memory of the three learned methods at the paper's sizes (SPEC section 6).
+"""Meta-training speed and memory of the three learned methods at the paper's sizes (docs/meta_learning.md).
 
 For each method (paper architecture: UpdateLSTM 800-300-800, TeleportLSTM hidden 300, LrTeleportLSTM
 hidden 20; problem dims [20, 20, 20, 20]; unroll 10; first-order) and each batch of initialisations

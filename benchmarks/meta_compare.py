@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Whole-horizon comparisons from an ``eval_meta.py`` results.json (the paper's two claims, SPEC section 6).
+"""Whole-horizon comparisons from an ``eval_meta.py`` results.json (the paper's two claims,
+docs/meta_learning.md, section 9).
 
 For each pair (A, B) -- LSTM(update,tele) vs LSTM(update), LSTM(lr,tele) vs GD -- prints on how many steps
 A's mean loss (over seeds) is below B's and the first steps where it is not, and at the last step the

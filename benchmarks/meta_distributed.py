@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data-parallel meta-training speed (metatele.meta.distributed) at the paper's sizes (SPEC section 6).
+"""Data-parallel meta-training speed (metatele.meta.distributed) at the paper's sizes (docs/meta_learning.md, section 8).
 
 For each method (paper architecture from configs/paper.toml: UpdateLSTM 800-300-800, TeleportLSTM hidden
 300, LrTeleportLSTM hidden 20; problem dims [20, 20, 20, 20]; unroll 10) and each *global* meta-batch of B

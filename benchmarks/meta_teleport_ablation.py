@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from metatele.baselines import run_gd
     from metatele.meta.evaluate import load_method
     from metatele.meta.unroll import rollout
-    from metatele.problems import regression_batch, test_seeds
+    from metatele.problems import eval_seeds, regression_batch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt")
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         print(f"error: {a.ckpt} holds {m.name}, which has no learned teleport", file=sys.stderr)
         return 2
     steps = a.steps or cfg.methods[m.name].steps
-    prob = regression_batch(cfg.problem.dims, test_seeds(a.seeds, start=cfg.eval.seed_offset))
+    prob = regression_batch(cfg.problem.dims, eval_seeds(a.seeds, start=cfg.eval.seed_offset))
     at = sorted({t for t in (10, 30, 99, steps - 1) if t < steps})
 
     def show(label, L):

@@ -1,5 +1,5 @@
 """Baselines of the meta-learning comparison: plain GD and GD with hand-designed teleport on a schedule
-(SPEC section 6), for many initialisations at once (one batched computation, no loop over them).
+(docs/meta_learning.md, section 6), for many initialisations at once (one batched computation, no loop over them).
 """
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "CheckpointMissing", "CheckpointCorrupt",
            "CheckpointMismatch", "ProblemMismatch", "save_checkpoint", "load_checkpoint",
-           "check_arch", "check_dims", "library_versions"]
+           "check_arch", "library_versions"]
 
 FORMAT = "metatele-meta-checkpoint"
 VERSION = 1
@@ -113,13 +113,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointCorrupt(f"checkpoint {str(p)!r} lacks the field(s) {missing}")
     return data
-
-
-def check_dims(ckpt: dict[str, Any], dims: Sequence[int], path: str = "checkpoint") -> None:
-    """Raise :class:`ProblemMismatch` if the checkpoint was trained on another problem size."""
-    if list(ckpt["dims"]) != [int(d) for d in dims]:
-        raise ProblemMismatch(f"{path} was trained on problem dims {list(ckpt['dims'])}, "
-                              f"not {list(dims)}")
 
 
 def check_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: str = "checkpoint") -> None:

@@ -1,4 +1,4 @@
-"""Configuration of the learning-to-teleport experiments (SPEC sections 6 and 8.8).
+"""Configuration of the learning-to-teleport experiments (docs/meta_learning.md, section 5; docs/departures.md, section 8).
 
 Every hyper-parameter of meta-training and evaluation lives in one of the dataclasses below, with the
 paper's value (P2, Zhao et al. ICLR 2024, and its public code) as the documented default where the
@@ -33,7 +33,7 @@ __all__ = [
 #: Learned methods of P2's Figure 6.
 METHODS = ("lstm_update_tele", "lstm_update", "lstm_lr_tele")
 
-#: Paper meta-training counts (trajectories, inner steps per trajectory), SPEC section 6.
+#: Paper meta-training counts (trajectories, inner steps per trajectory), P2 section 6.
 PAPER_COUNTS = {"lstm_lr_tele": (30, 300), "lstm_update_tele": (700, 100), "lstm_update": (600, 100)}
 
 
@@ -58,7 +58,7 @@ def _check_range(where: str, value, lo=None, hi=None, *, lo_open=False, integer=
 
 @dataclass
 class ProblemConfig:
-    """Regression problem family (SPEC section 6).
+    """Regression problem family (docs/meta_learning.md, section 1).
 
     dims: ``[batch, d_in, hidden..., d_out]``; ``[20, 20, 20, 20]`` in P2 (X, Y, W_0, W_1 all 20 x 20).
     dtype: inner-loop precision, ``"float32"`` (paper) or ``"float64"``.
@@ -147,7 +147,7 @@ class LSTMConfig:
 
 @dataclass
 class TeleportConfig:
-    """How the TeleportLSTM's output becomes a teleport (SPEC sections 3 and 6).
+    """How the TeleportLSTM's output becomes a teleport (docs/mathematics.md, section 3; docs/meta_learning.md, section 2).
 
     action: ``"inverse"`` (exact: ``U g^{-1}`` with a true inverse, ``V -> sigma^{-1}(g sigma(VX)) X^+``)
       or ``"linearised"`` (P2's learned teleport, ``U (I - T)``: first order only).
@@ -264,12 +264,12 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation on unseen seeds (odd seeds, ``problems.test_seeds``).
+    """Evaluation on unseen seeds (odd seeds, ``problems.eval_seeds``).
 
     seeds: number of evaluation initialisations (P2: 5; metatele: 20).
     seed_offset: first test-seed index.
     gd_lr: step size of the GD baselines (P2: 3e-4).
-    tele_at: steps before which ``gd_tele`` teleports (hand-designed gradient-norm ascent, SPEC section 4).
+    tele_at: steps before which ``gd_tele`` teleports (hand-designed gradient-norm ascent, docs/mathematics.md, section 5).
     tele_steps: ascent steps per hand-designed teleport.
     tele_lr: ascent step size on T of the hand-designed teleport.
     tele_max_step_norm: clip each ascent step's ``||T||_F`` (``ds/dT`` is ~1e9 at the paper problem's

@@ -8,10 +8,11 @@
   exactly like ``transforms.ToTensor()`` and flattened in channel-height-width order (784 or 3072 features),
   as in the public code.
 
-Splits (SPEC 8.7): a validation set is drawn from the training set with a seeded permutation and kept apart
-from the test set (MNIST and FashionMNIST: 50000 / 10000 like P2's ``random_split``; CIFAR-10: 45000 / 5000;
-digits: 20 % of the remaining training images; never more than 20 % of a smaller training set). ``test_as_val=True`` reproduces the papers' practice of
-reporting the *test* set as "validation" (the validation split is then unused, as in the public code).
+Splits (docs/departures.md, section 7): a validation set is drawn from the training set with a seeded permutation
+and kept apart from the test set (MNIST and FashionMNIST: 50000 / 10000 like P2's ``random_split``; CIFAR-10:
+45000 / 5000; digits: 20 % of the remaining training images; never more than 20 % of a smaller training set).
+``test_as_val=True`` reproduces the papers' practice of reporting the *test* set as "validation" (the validation
+split is then unused, as in the public code).
 
 Rows are samples: ``X (n, features)`` float32, ``y (n,)`` int64; models take ``(batch, features)``.
 """
@@ -59,7 +60,7 @@ class Split:
 class DataSplits:
     """Train, validation and test splits of one dataset.
 
-    ``val_is_test``: the validation split *is* the test set (the papers' behaviour, SPEC 8.7).
+    ``val_is_test``: the validation split *is* the test set (the papers' behaviour, docs/departures.md, section 7).
     """
 
     name: str

@@ -4,7 +4,7 @@ Conventions (used everywhere in metatele)
 -----------------------------------------
 * Weights are stored exactly like ``nn.Linear.weight``: ``W_i`` has shape ``(..., out_i, in_i)``.
   With biases (``bias=True``) every ``W_i`` carries its bias as one extra *last column*,
-  ``(..., out_i, in_i + 1)``, and multiplies its input augmented with a row of ones (SPEC section 2).
+  ``(..., out_i, in_i + 1)``, and multiplies its input augmented with a row of ones (docs/mathematics.md, section 1).
 * Data are in the papers' column convention: ``X`` has shape ``(..., d_in, b)`` (features x samples),
   ``Y`` has shape ``(..., d_out, b)``. ``nn.Module`` front-ends take PyTorch's ``(b, features)`` and
   transpose once at the boundary.
@@ -13,7 +13,7 @@ Conventions (used everywhere in metatele)
 * ``dims = [b, d_in, h_1, ..., h_{L-1}, d_out]`` describes a problem as in the papers' code:
   ``[20, 20, 20, 20]`` is batch 20, ``X`` 20 x 20, ``W_0`` 20 x 20, ``W_1`` 20 x 20.
 
-Network (SPEC section 2): ``h_0 = X``, ``h_{i+1} = sigma(W_i h_i)``, ``f(X) = W_L h_L`` with
+Network (docs/mathematics.md, section 1): ``h_0 = X``, ``h_{i+1} = sigma(W_i h_i)``, ``f(X) = W_L h_L`` with
 ``sigma`` = LeakyReLU of slope 0.1, whose exact inverse is LeakyReLU of slope 10.
 """
 from __future__ import annotations

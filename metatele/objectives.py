@@ -1,4 +1,4 @@
-"""Teleport objectives and metrics: squared gradient norm, sharpness, curvature (SPEC section 4).
+"""Teleport objectives and metrics: squared gradient norm, sharpness, curvature (docs/mathematics.md, section 4).
 
 All functions take a weight tuple ``W_i (..., out_i, in_i[+1])`` and column data ``X (..., d_in, b)``
 (see :mod:`metatele.nets`) and return one value per initialisation, shape ``(...)``. They are
@@ -37,7 +37,7 @@ SHARPNESS_RADII: dict[str, tuple[float, ...]] = {
 }
 
 #: Random-direction distributions: zero-mean Gaussian (sphere-uniform after normalisation; the default)
-#: or the public code's all-positive U[0, 1) (SPEC section 8, defect 2; kept as an option).
+#: or the public code's all-positive U[0, 1) (docs/departures.md, section 2; kept as an option).
 DIRECTIONS = ("gaussian", "uniform")
 
 
@@ -85,7 +85,8 @@ def sharpness(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *, loss: str = "c
               dirs: Sequence[Sequence[Tensor]] | None = None, slope: float = DEFAULT_SLOPE,
               bias: bool = False) -> Tensor:
     """Sharpness ``phi(w) = mean_{t, u} L(w + t u / ||u||)`` over the radii ``t`` and ``n_dirs`` random
-    directions ``u`` per radius (P2 section 4; the mean really divides by the number of terms, SPEC 8.3).
+    directions ``u`` per radius (P2 section 4; the mean really divides by the number of terms,
+    docs/departures.md, section 3).
 
     ``dirs``: optional precomputed unit directions (``len(radii) * n_dirs`` tuples), e.g. to keep them fixed
     while a teleport differentiates ``phi`` over the group element. Returns shape ``(...)``.
@@ -190,8 +191,10 @@ def curve_derivatives(weights: Sequence[Tensor], X: Tensor, Ms: Sequence[Tensor]
     ``method``:
       * ``"closed"`` (default): P2's closed forms, U part ``-U M``, ``U M^2``; V part
         ``[(M sigma(Vh)) / sigma'(Vh)] h^+`` and ``[(M^2 sigma(Vh)) / sigma'(Vh)] h^+``; plus, for a middle
-        weight, the cross term ``-2 [(M_m sigma(W_m h_m)) / sigma'(W_m h_m)] h_m^+ M_{m-1}`` (SPEC section 4).
-      * ``"paper"``: the public code's closed form without the cross term (SPEC 8.5), to reproduce Table 1.
+        weight, the cross term ``-2 [(M_m sigma(W_m h_m)) / sigma'(W_m h_m)] h_m^+ M_{m-1}``
+        (docs/mathematics.md, section 4.4).
+      * ``"paper"``: the public code's closed form without the cross term (docs/departures.md, section 5),
+        to reproduce Table 1.
       * ``"autograd"``: autograd of the curve itself (reference; one curve at a time; not differentiable).
 
     ``Ms`` may carry extra leading dimensions (e.g. several curves) that broadcast against the weights.

@@ -1,4 +1,4 @@
-"""Teleportation inside any ``torch.optim`` optimiser (SPEC section 5, P2 section 6 / Fig. 5).
+"""Teleportation inside any ``torch.optim`` optimiser (P2 section 6 / Fig. 5; docs/experiments.md, section 1).
 
 :class:`TeleportingOptimizer` wraps an optimiser that trains an ``nn.Sequential`` of ``nn.Linear`` and
 ``nn.LeakyReLU`` layers. Its :meth:`~TeleportingOptimizer.step` is the wrapped optimiser's ``step``, nothing
@@ -36,10 +36,11 @@ training minibatches), and the optimiser's state is then handled by the *state p
 
     ``Phi`` is rebuilt from the teleport batch and the composed group element ``report.elements``; this equals
     the map the teleport applied step by step exactly when the action composes, i.e. when the batch is no
-    larger than the widths (SPEC section 3). Otherwise it is a first-order approximation; each event records
-    ``composition_error = ||Phi(w) - w_teleported|| / ||w_teleported||`` so the user can see which case applies.
+    larger than the widths (docs/mathematics.md, section 3.8). Otherwise it is a first-order approximation;
+    each event records ``composition_error = ||Phi(w) - w_teleported|| / ||w_teleported||`` so the user can
+    see which case applies.
 
-P2's settings (SPEC section 5) are the documented defaults: :data:`P2_OPTIMIZERS` (learning-rate rules) and
+P2's settings (P2 Fig. 5) are the documented defaults: :data:`P2_OPTIMIZERS` (learning-rate rules) and
 :func:`p2_teleport_config` (schedule and teleport learning rate per optimiser).
 """
 from __future__ import annotations
@@ -162,7 +163,7 @@ class TeleportSettings:
 
 
 def p2_teleport_config(name: str, base_lr: float = 1e-2) -> tuple[TeleportSchedule, TeleportSettings]:
-    """P2's schedule and settings for optimiser ``name`` (SPEC section 5): 8 teleports at the start of epoch 0
+    """P2's schedule and settings for optimiser ``name`` (P2 Fig. 5): 8 teleports at the start of epoch 0
     (momentum, RMSProp, Adam; teleport lr 5e-2) or epoch 2 (SGD, AdaGrad; teleport lr 1e-4), 10 ascent steps
     on the squared gradient norm, each on a fresh batch of 200 training samples."""
     if name not in P2_TELEPORT:

@@ -1,27 +1,17 @@
 """Shared plotting for the experiments: mean curves with spread bands, PNG + PDF output.
 
 Every figure is written twice, ``NAME.png`` (dpi 150) and ``NAME.pdf``, into the experiment's ``--out``.
+Importing this module does not touch matplotlib's backend: the command-line entry points select the
+non-interactive ``Agg`` backend themselves (:func:`metatele.experiments._common.cli_main`), and a caller
+who runs an experiment from Python keeps whatever backend it has chosen.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-__all__ = ["plt", "mean_std", "band", "save_figure", "grid"]
-
-
-def mean_std(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation over runs of equally long curves ``(runs, T) -> (T,), (T,)``."""
-    a = np.asarray(runs, dtype=float)
-    if a.ndim == 1:
-        a = a[None]
-    return a.mean(0), a.std(0)
+__all__ = ["band", "save_figure", "grid"]
 
 
 def band(ax, x, runs, label: str, *, color=None, log: bool = False, linestyle: str = "-", alpha: float = 0.25):
@@ -66,12 +56,16 @@ def _nanstd(a):
 
 def grid(n_rows: int, n_cols: int, *, width: float = 3.6, height: float = 3.0):
     """A figure with an ``(n_rows, n_cols)`` array of axes (always 2-D)."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
     return fig, axes
 
 
 def save_figure(fig, out: str, name: str) -> list[str]:
     """Write ``out/name.png`` and ``out/name.pdf``, close the figure, return the two paths."""
+    import matplotlib.pyplot as plt
+
     os.makedirs(out, exist_ok=True)
     fig.tight_layout()
     paths = [os.path.join(out, f"{name}.png"), os.path.join(out, f"{name}.pdf")]

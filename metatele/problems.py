@@ -1,9 +1,9 @@
 """Seeded problem families.
 
-Regression family of the meta-learning experiments (SPEC section 6): two-layer (or deeper) LeakyReLU
+Regression family of the meta-learning experiments (docs/meta_learning.md, section 1): two-layer (or deeper) LeakyReLU
 networks ``dims = [b, d_in, h_1, ..., d_out]`` with ``W_i``, ``X`` and ``Y`` uniform in [0, 1), each
-trajectory drawn from its own seed. Meta-train and meta-test seeds come from disjoint streams:
-train seeds are even (``2 i``), test seeds are odd (``2 i + 1``), so no evaluation trajectory can ever
+trajectory drawn from its own seed. Meta-training and evaluation seeds come from disjoint streams:
+train seeds are even (``2 i``), evaluation seeds are odd (``2 i + 1``), so no evaluation trajectory can ever
 have been seen in training, whatever the counts.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .nets import init_uniform, regression_data
 
-__all__ = ["RegressionBatch", "train_seeds", "test_seeds", "regression_problem", "regression_batch",
-           "is_train_seed", "is_test_seed"]
+__all__ = ["RegressionBatch", "train_seeds", "eval_seeds", "regression_problem", "regression_batch",
+           "is_train_seed", "is_eval_seed"]
 
 
 def train_seeds(n: int, start: int = 0, base: int = 0) -> list[int]:
@@ -27,7 +27,7 @@ def train_seeds(n: int, start: int = 0, base: int = 0) -> list[int]:
     return [2 * (base + start + i) for i in range(n)]
 
 
-def test_seeds(n: int, start: int = 0, base: int = 0) -> list[int]:
+def eval_seeds(n: int, start: int = 0, base: int = 0) -> list[int]:
     """Seeds of evaluation trajectories (odd numbers): disjoint from :func:`train_seeds` for any arguments."""
     if n < 0 or start < 0:
         raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
@@ -38,7 +38,7 @@ def is_train_seed(seed: int) -> bool:
     return seed % 2 == 0
 
 
-def is_test_seed(seed: int) -> bool:
+def is_eval_seed(seed: int) -> bool:
     return seed % 2 == 1
 
 
@@ -81,8 +81,3 @@ def regression_batch(dims: Sequence[int], seeds: Sequence[int], dtype: torch.dty
     X = torch.stack([p[1] for p in probs]).to(device)
     Y = torch.stack([p[2] for p in probs]).to(device)
     return RegressionBatch(W, X, Y, list(seeds), list(dims))
-
-
-# These are library functions, not tests: keep pytest from collecting them where they are imported.
-test_seeds.__test__ = False  # type: ignore[attr-defined]
-is_test_seed.__test__ = False  # type: ignore[attr-defined]

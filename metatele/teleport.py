@@ -1,7 +1,7 @@
 """Hand-designed teleportation: ascent or descent on an objective over the group element, and random
 teleports, for weight tuples (batched over initialisations) and in place for ``nn.Sequential`` models.
 
-Algorithm (SPEC section 4, P1 Algorithm 1): for ``steps`` steps, build ``g . w`` with ``T = 0``
+Algorithm (P1 Algorithm 1; docs/mathematics.md, section 5): for ``steps`` steps, build ``g . w`` with ``T = 0``
 (``g = I + T`` or ``exp(T)``, one ``T`` per hidden layer), compute the objective ``s(g . w)`` and
 ``ds/dT``, set ``T = +/- lr * ds/dT``, and move ``w`` to ``g . w`` with the *exact* action (the inverse
 of ``g`` is solved, not approximated by ``I - T``). An initialisation whose objective has passed the
@@ -201,7 +201,8 @@ def random_teleport(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None = Non
                     directions: str = "gaussian", slope: float = DEFAULT_SLOPE, bias: bool = False,
                     generator: torch.Generator | None = None) -> tuple[tuple[Tensor, ...], TeleportReport]:
     """Random teleport: ``g = I + magnitude R / ||R||_F`` (or ``exp`` of it) with random ``R`` per hidden
-    layer, zero-mean Gaussian by default (``directions="uniform"``: the public code's U[0, 1), SPEC 8.2).
+    layer, zero-mean Gaussian by default (``directions="uniform"``: the public code's U[0, 1),
+    docs/departures.md, section 2).
 
     ``Y`` is only used to report the loss before and after (objective = squared gradient norm).
     """

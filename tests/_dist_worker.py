@@ -1,9 +1,9 @@
 """One rank of the data-parallel tests (tests/test_distributed.py), started like torchrun starts a worker:
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment.
 
-    python tests/_dist_worker.py SPEC.json
+    python tests/_dist_worker.py JOB.json
 
-SPEC: ``{"scenarios": [{"config": {...}, "method": ..., "out": path, "resume": path | null,
+JOB.json: ``{"scenarios": [{"config": {...}, "method": ..., "out": path, "resume": path | null,
 "trajectories": int | null, "poison": {...}}], "device": "cpu", "backend": "auto"}``. Every scenario
 trains to the end of its schedule, checks after each meta-batch that all ranks hold bit-identical
 meta-parameters, and rank 0 writes the checkpoint to ``out`` (other ranks' ``save`` must return None).

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from _fake_datasets import skip_cifar_md5, write_cifar10, write_mnist
-from metatele.experiments import (correlation, displacement, optimizers, regression, sharpness_curvature,
-                                  test_functions)
+from metatele.experiments import (benchmark_functions, correlation, displacement, optimizers, regression,
+                                  sharpness_curvature)
 
 
 def outputs(out, name):
@@ -120,10 +120,10 @@ def test_trapezoid_expectation_against_adaptive_quadrature():
     assert got == pytest.approx(ref, rel=1e-6)
 
 
-def test_test_functions_quick(tmp_path):
+def test_benchmark_functions_quick(tmp_path):
     out = str(tmp_path / "t")
-    assert test_functions.main(["--quick", "--no-progress", "--out", out]) == 0
-    res = outputs(out, "test_functions")
+    assert benchmark_functions.main(["--quick", "--no-progress", "--out", out]) == 0
+    res = outputs(out, "benchmark_functions")
     for name, e in res["functions"].items():
         for tp in e["gd_teleport"]["teleports"]:
             assert tp["loss_after"] == pytest.approx(tp["loss_before"], rel=1e-9)   # SO(2) keeps the loss

@@ -12,7 +12,7 @@ from metatele.learned import (CoordinateUpdateLSTM, LearnedMethod, LearnedOptimi
                               TeleportLSTM, UpdateLSTM, preprocess, weight_shapes)
 from metatele.meta import MetaTrainer
 from metatele.nets import from_sequential, mse_loss
-from metatele.problems import regression_batch, test_seeds
+from metatele.problems import eval_seeds, regression_batch
 
 
 def _g(*shape, seed=0):
@@ -77,7 +77,7 @@ def test_log_sign_preprocessing_matches_formula():
 @pytest.mark.parametrize("param", ["I+T", "exp"])
 def test_exact_learned_teleport_keeps_loss_float32(param):
     """Paper problem, 20 seeds, float32: the exact action keeps the loss to 1e-6 relative."""
-    prob = regression_batch([20, 20, 20, 20], test_seeds(20))
+    prob = regression_batch([20, 20, 20, 20], eval_seeds(20))
     torch.manual_seed(0)
     m = LearnedMethod("lstm_update_tele", weight_shapes(prob.dims), LSTMConfig(tele_hidden=16),
                       TeleportConfig(param=param))
@@ -95,7 +95,7 @@ def test_exact_learned_teleport_keeps_loss_float32(param):
 
 
 def test_linearised_action_is_first_order_only():
-    prob = regression_batch([20, 20, 20, 20], test_seeds(4), dtype=torch.float64)
+    prob = regression_batch([20, 20, 20, 20], eval_seeds(4), dtype=torch.float64)
     m = LearnedMethod("lstm_update_tele", weight_shapes(prob.dims), LSTMConfig(tele_hidden=8),
                       TeleportConfig(action="linearised", magnitude=0.1))
     T = torch.randn(4, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

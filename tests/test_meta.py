@@ -10,7 +10,7 @@ from metatele.config import METHODS, load_config
 from metatele.meta import AutogradStepper, HigherStepper, MetaTrainer, build_method, run_window, start
 from metatele.meta.evaluate import evaluate, summary_table
 from metatele.meta.unroll import rollout, window_meta_loss
-from metatele.problems import is_test_seed, regression_batch, train_seeds
+from metatele.problems import is_eval_seed, regression_batch, train_seeds
 
 
 def _meta_grads(method, prob, stepper_cls, first_order, K=4, windows=2, kind="sum"):
@@ -190,7 +190,7 @@ def test_evaluation_seeds_are_unseen_and_rollout_has_no_graph(tmp_path):
     res = evaluate(paths, seeds=3, steps=6)
     assert set(res["methods"]) == {"gd", "gd_tele", *METHODS}
     assert not set(res["eval_seeds"]) & set(res["train_seeds"])
-    assert all(is_test_seed(s) for s in res["eval_seeds"]) and len(res["train_seeds"]) == 4
+    assert all(is_eval_seed(s) for s in res["eval_seeds"]) and len(res["train_seeds"]) == 4
     for e in res["methods"].values():
         assert len(e["loss_mean"]) == len(e["loss_std"]) == len(e["grad_norm_mean"]) == len(e["time_mean"]) == 6
     # method runs start from the same initialisations as GD

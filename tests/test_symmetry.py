@@ -48,7 +48,8 @@ def test_uniform_paper_problem_exact():
 
 
 def test_sequential_layers_use_transformed_hidden_values():
-    """Recomputing h from the transformed earlier weights is exact; reusing the old h (defect 8.1) is not."""
+    """Recomputing h from the transformed earlier weights is exact; reusing the old h is not (the public
+    code's version, docs/departures.md, section 1)."""
     W, X, Y = _problem([6, 6, 6, 6, 2])
     gs = _elements(W, 0.5, "exp")
     L0 = nets.mse_loss(W, X, Y)
@@ -147,7 +148,7 @@ def test_bad_group_elements():
 
 
 @pytest.mark.parametrize("fn,p", [(ROSENBROCK, [-1.0, -1.0]), (BOOTH, [5.0, -5.0])])
-def test_so2_teleport_keeps_test_function_loss(fn, p):
+def test_so2_teleport_keeps_benchmark_function_loss(fn, p):
     p = torch.tensor(p, dtype=DT)
     for theta in torch.linspace(-3, 3, 13, dtype=DT):
         q = so2_teleport(fn, p, theta)

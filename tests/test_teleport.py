@@ -7,7 +7,7 @@ from torch import nn
 
 import metatele
 from metatele.baselines import run_gd
-from metatele.problems import regression_batch, test_seeds, train_seeds
+from metatele.problems import eval_seeds, regression_batch, train_seeds
 from metatele.teleport import random_teleport, teleport_weights
 
 DT = torch.float64
@@ -125,7 +125,7 @@ def test_bad_inputs():
 
 
 def test_gd_baselines_batched_and_teleport_schedule():
-    b = regression_batch([20, 20, 20, 20], test_seeds(3))
+    b = regression_batch([20, 20, 20, 20], eval_seeds(3))
     r = run_gd(b.weights, b.X, b.Y, steps=50, lr=3e-4)
     assert r.loss.shape == (3, 50) and r.grad_norm_sq.shape == (3, 50) and r.time.shape == (50,)
     assert bool((r.loss[:, -1] < r.loss[:, 0] * 1e-2).all())

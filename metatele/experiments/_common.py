@@ -18,7 +18,7 @@ from ..data import DATASETS, DataSplits, DatasetNotFoundError, Split, iterate_mi
 from ..nets import init_linear, to_sequential
 from ..optim import TeleportingOptimizer
 
-#: P2's base learning rates (SPEC section 5); the 8x8 digits follow MNIST.
+#: P2's base learning rates (docs/experiments.md, section 1); the 8x8 digits follow MNIST.
 BASE_LR = {"digits": 1e-2, "mnist": 1e-2, "fashion_mnist": 1e-2, "cifar10": 2e-2}
 #: Which of P2's sharpness radii a dataset uses (``metatele.objectives.SHARPNESS_RADII``).
 RADII_KEY = {"digits": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
@@ -37,7 +37,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default="data", help="folder holding MNIST/, FashionMNIST/, cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="let torchvision download missing files")
     p.add_argument("--test-as-val", action="store_true",
-                   help="report the test set as validation, as the papers' code does (SPEC 8.7)")
+                   help="report the test set as validation, as the papers' code does (docs/departures.md, section 7)")
     p.add_argument("--split-seed", type=int, default=1, help="seed of the train/validation split (P2: 1)")
 
 
@@ -179,11 +179,26 @@ def summarise(runs: list[list[float]], at: list[int]) -> dict:
             for e in at if 1 <= e <= a.shape[1]}
 
 
+#: Printed under every experiment's ``--help``: what the short names P1 and P2 in the help texts stand for.
+PAPERS_EPILOG = ("P1: Zhao, Dehmamy, Walters, Yu, Symmetry Teleportation for Accelerated Optimization, NeurIPS 2022,\n"
+                 "    arXiv:2205.10637.\n"
+                 "P2: Zhao, Gower, Walters, Yu, Improving Convergence and Generalization Using Parameter Symmetries,\n"
+                 "    ICLR 2024, arXiv:2305.13404.\n"
+                 "More in docs/references.md.")
+
+
 def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
              report: Callable[[dict], None] | None = None) -> int:
     """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
     numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
-    becomes a one-line error with exit code 2."""
+    becomes a one-line error with exit code 2. The figures are only written to files, so the command
+    selects matplotlib's non-interactive ``Agg`` backend (importing :mod:`metatele.plots` does not), and
+    ``--help`` ends with the papers behind the short names P1 and P2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if parser.epilog is None:
+        parser.epilog = PAPERS_EPILOG
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -1,7 +1,7 @@
 """P2 Fig. 7 (E2): expected displacement of a minimum under a random shift, against the curvature of the
 minimum set at that point.
 
-Two-dimensional model (SPEC section 7): the minimum set is a curve ``gamma`` through the origin ``w0 = 0``,
+Two-dimensional model (P2 section 5, Fig. 7): the minimum set is a curve ``gamma`` through the origin ``w0 = 0``,
 either the parabola ``y = k x^2`` (curvature ``kappa = 2k`` at the origin) or the circle of radius ``R = 1/kappa``
 through the origin (centre ``(0, R)``). A shift ``w`` is uniform on the circle of radius ``r`` around ``w0``;
 the plotted quantity is ``E_w[dist(w, gamma)] / r``.

@@ -2,12 +2,12 @@
 
 For every optimiser and run, the same initialisation is trained twice, without and with teleports, and the
 training loss, validation loss and accuracy are logged per epoch against epoch and wall-clock time.
-P2's settings (SPEC section 5) are the defaults: base lr 1e-2 (CIFAR-10 2e-2; AdaGrad and SGD at base, momentum
-0.9 at base/10, RMSProp and Adam at base/100), batch 20, 40 epochs, 5 runs; 8 gradient-norm teleports of 10
-ascent steps before the first 8 minibatches of epoch 0 (momentum, RMSProp, Adam; teleport lr 5e-2) or epoch 2
-(SGD, AdaGrad; teleport lr 1e-4), each on a fresh batch of 200 training samples; optimiser state reset after a
-teleport (``--state-policy``). Run seeds are ``(seed + r)``; the training order is P2's sequential order
-unless ``--shuffle``.
+P2's settings (P2 Fig. 5; docs/experiments.md, section 1) are the defaults: base lr 1e-2 (CIFAR-10 2e-2; AdaGrad
+and SGD at base, momentum 0.9 at base/10, RMSProp and Adam at base/100), batch 20, 40 epochs, 5 runs; 8
+gradient-norm teleports of 10 ascent steps before the first 8 minibatches of epoch 0 (momentum, RMSProp, Adam;
+teleport lr 5e-2) or epoch 2 (SGD, AdaGrad; teleport lr 1e-4), each on a fresh batch of 200 training samples;
+optimiser state reset after a teleport (``--state-policy``). Run seeds are ``(seed + r)``; the training order is
+P2's sequential order unless ``--shuffle``.
 
     python -m metatele.experiments.optimizers --out results/optimizers
 """

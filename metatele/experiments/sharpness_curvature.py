@@ -5,12 +5,12 @@ For every run an SGD model (lr = P2's base lr, batch 20) is trained up to ``--te
 public code resumes a saved run at epoch 15, which for deterministic SGD is the same trajectory), then copied
 once per variant: ``sharpness+`` / ``sharpness-`` (10 ascent/descent steps on phi, the mean loss under random
 perturbations over P2's 20 radii, one direction each) and ``curvature+`` / ``curvature-`` (1 step of
-``g = exp(T)`` on psi, the mean curvature of 200 random curves ``exp(tM) . w`` in the level set, with the
-cross term of SPEC section 4). Each variant teleports before the first ``n`` minibatches of the teleport epoch
-(P2: sharpness+ 2, sharpness- 10, curvature+ 10, curvature- 5) on fresh batches of 2000 training samples
-(clipped to the training-set size for small datasets), then SGD continues to ``--epochs`` (P2: 40). Teleport
-learning rates are P2's per dataset (digits use MNIST's). The validation loss is measured right before and
-right after every teleport, and at the end of every epoch.
+``g = exp(T)`` on psi, the mean curvature of 200 random curves ``exp(tM) . w`` in the level set, with the cross
+term of docs/mathematics.md, section 4.4). Each variant teleports before the first ``n`` minibatches of the
+teleport epoch (P2: sharpness+ 2, sharpness- 10, curvature+ 10, curvature- 5) on fresh batches of 2000 training
+samples (clipped to the training-set size for small datasets), then SGD continues to ``--epochs`` (P2: 40).
+Teleport learning rates are P2's per dataset (digits use MNIST's). The validation loss is measured right before
+and right after every teleport, and at the end of every epoch.
 
     python -m metatele.experiments.sharpness_curvature --out results/sharpness_curvature
 """
@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--curvature-method", default="closed", choices=("closed", "paper"),
                    help="closed: with the cross term (correct); paper: the public code's version")
     p.add_argument("--directions", default="gaussian", choices=("gaussian", "uniform"),
-                   help="random directions (uniform = the public code's U[0,1), SPEC 8.2)")
+                   help="random directions (uniform = the public code's U[0,1), docs/departures.md, section 2)")
     p.add_argument("--shuffle", action="store_true")
     return p
 

@@ -1,4 +1,4 @@
-"""Learned optimisers (SPEC section 6): the LSTM meta-optimisers of P2 and a torch.optim-like wrapper."""
+"""Learned optimisers (docs/meta_learning.md, section 2): the LSTM meta-optimisers of P2 and a torch.optim-like wrapper."""
 from .lstm import (CoordinateUpdateLSTM, LrTeleportLSTM, StackedLSTM, TeleportLSTM, UpdateLSTM,
                    detach_state)
 from .methods import LearnedMethod, pair_gradients, weight_shapes

@@ -1,4 +1,4 @@
-"""The three learned methods of P2's Figure 6 as one module each (SPEC section 6).
+"""The three learned methods of P2's Figure 6 as one module each (docs/meta_learning.md, section 2).
 
 | method             | update                         | teleport (every ``teleport.every`` steps) |
 |--------------------|--------------------------------|-------------------------------------------|

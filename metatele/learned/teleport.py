@@ -1,4 +1,4 @@
-"""Applying a learned ``T`` to a network (pure functions; SPEC section 3 and P2 section 6).
+"""Applying a learned ``T`` to a network (pure functions; docs/mathematics.md, section 3, and P2 section 6).
 
 ``action = "inverse"``: the exact inverse-form action with ``g = I + T`` (true inverse by ``solve``) or
 ``g = exp(T)``; it keeps the loss whenever ``X`` has full column rank (paper problem: X is 20 x 20).

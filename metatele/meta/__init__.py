@@ -1,5 +1,5 @@
 """Meta-learning machinery: the ``higher`` adapter, the unroller, the truncated-BPTT trainer and
-evaluation (SPEC section 6)."""
+evaluation (docs/meta_learning.md)."""
 from .higher_adapter import AutogradStepper, HigherStepper, NoGradStepper
 from .trainer import MetaTrainer, Progress, build_method
 from .unroll import InnerState, inner_step, rollout, run_window, start, window_meta_loss

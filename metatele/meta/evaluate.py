@@ -1,7 +1,7 @@
-"""Evaluation of trained meta-optimisers against GD and GD with hand-designed teleport (SPEC section 6).
+"""Evaluation of trained meta-optimisers against GD and GD with hand-designed teleport (docs/meta_learning.md, section 6).
 
-Every method runs on exactly the same unseen initialisations (odd seeds, :func:`metatele.problems.test_seeds`)
-for the whole horizon under ``torch.no_grad`` (the public code's evaluation without it is SPEC defect 8.6).
+Every method runs on exactly the same unseen initialisations (odd seeds, :func:`metatele.problems.eval_seeds`)
+for the whole horizon under ``torch.no_grad`` (the public code evaluates without it: docs/departures.md, section 6).
 Records per step: ``L(w_t)`` before the update of step t, ``||grad L(w_t)||^2``, cumulative wall-clock.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..baselines import run_gd
 from ..checkpoint import CheckpointMismatch, ProblemMismatch, check_arch, load_checkpoint
 from ..config import Config, EvalConfig, config_from_dict
 from ..learned.methods import LearnedMethod
-from ..problems import is_train_seed, regression_batch, test_seeds, train_seeds
+from ..problems import eval_seeds, is_train_seed, regression_batch, train_seeds
 from .trainer import DTYPES, build_method
 from .distributed import resolve_device
 from .unroll import rollout
@@ -114,7 +114,7 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
     if steps < 1:
         raise ValueError(f"steps = {steps} must be >= 1")
     dtype = DTYPES[loaded[0][1].problem.dtype] if loaded else torch.float32
-    ev = test_seeds(n_seeds, start=ecfg.seed_offset)
+    ev = eval_seeds(n_seeds, start=ecfg.seed_offset)
     tr = sorted({s for _, _, ck in loaded for s in trained_seeds(ck)})
     overlap = set(ev) & set(tr)
     if overlap or any(is_train_seed(s) for s in ev):  # impossible by construction; checked anyway

@@ -12,7 +12,7 @@ whole unrolled step.
 
 No module is monkey-patched and no optimiser state is kept inside ``higher``: the weights are passed
 explicitly to every step and the references ``higher`` holds are dropped after each step, so nothing
-survives a truncation window (the ``higher`` pitfalls DESIGN.md warns about).
+survives a truncation window (docs/design.md, "Choices worth knowing").
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Group actions of GL_k on pairs of consecutive weights, and on whole networks (SPEC section 3).
+"""Group actions of GL_k on pairs of consecutive weights, and on whole networks (docs/mathematics.md, section 3).
 
 Notation for one hidden layer of width ``k``: ``V (..., k, n[+1])`` maps its input ``h (..., n, b)``
 to the hidden layer, ``U (..., m, k[+1])`` maps the hidden layer onward, ``g (..., k, k)``.
@@ -13,8 +13,8 @@ acts on ``[h; 1]`` and only the first ``k`` columns of ``U`` are transformed (it
 | ``linear``       | ``U g^{-1}``                      | ``g V`` (needs sigma = identity, slope 1) |
 
 Networks with several hidden layers transform the pairs ``(W_1, W_0), (W_2, W_1), ...`` in order and
-recompute each pair's input ``h`` from the *already transformed* earlier weights (SPEC section 3; the
-public code's reuse of untransformed hidden values is defect 8.1 and is not reproduced).
+recompute each pair's input ``h`` from the *already transformed* earlier weights (docs/mathematics.md, section 3.5;
+the public code's reuse of untransformed hidden values is not reproduced: docs/departures.md, section 1).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: float = D
 
 def pseudo_inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: float = DEFAULT_SLOPE,
                         bias: bool = False) -> tuple[Tensor, Tensor]:
-    """``U -> U sigma(V h) sigma(g V h)^+``, ``V -> g V``; exact when ``b <= k`` (SPEC section 3)."""
+    """``U -> U sigma(V h) sigma(g V h)^+``, ``V -> g V``; exact when ``b <= k`` (docs/mathematics.md, section 3.2)."""
     _check_slope(slope, "pseudo_inverse")
     ha = augment(h) if bias else h
     V_new = g @ V
@@ -199,7 +199,7 @@ def _rank_verdict(mat: Tensor, what: str) -> tuple[str, str]:
 
 def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
               slope: float = DEFAULT_SLOPE, bias: bool = False) -> Exactness:
-    """Tell whether ``action`` keeps the loss of this network on the batch ``X`` (SPEC section 3).
+    """Tell whether ``action`` keeps the loss of this network on the batch ``X`` (docs/mathematics.md, section 3.8).
 
     ``inverse`` needs each pair's input ``[h; 1]`` to have full column rank (``b <= n``);
     ``pseudo_inverse`` needs ``sigma(g V h)`` (``k x b``) to have full column rank (``b <= k``);

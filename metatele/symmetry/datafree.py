@@ -1,4 +1,4 @@
-"""Data-free symmetries of ReLU / LeakyReLU layers: positive rescaling and permutation (SPEC section 3).
+"""Data-free symmetries of ReLU / LeakyReLU layers: positive rescaling and permutation (docs/mathematics.md, section 3.6).
 
 Both keep the network function exactly for any batch: ``sigma(D z) = D sigma(z)`` for a positive diagonal
 ``D`` and ``sigma(P z) = P sigma(z)`` for a permutation ``P``.

@@ -1,4 +1,4 @@
-"""Group elements of GL_k: parametrisations ``g = I + T`` and ``g = exp(T)`` (SPEC section 3).
+"""Group elements of GL_k: parametrisations ``g = I + T`` and ``g = exp(T)`` (docs/mathematics.md, section 2).
 
 ``T`` has shape ``(..., k, k)``; every function broadcasts over the leading dimensions.
 """

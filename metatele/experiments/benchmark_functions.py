@@ -13,7 +13,7 @@ P1's settings are the defaults: Rosenbrock, lr 1e-3, start (-1, -1), 1000 steps,
 99, 199, ..., 999 (every 100); Booth, lr 0.08, start (5, -5), 10 steps, teleport once before step 4.
 Computed in float64. Output: trajectories on the level sets, loss and squared gradient norm against step.
 
-    python -m metatele.experiments.test_functions --out results/test_functions
+    python -m metatele.experiments.benchmark_functions --out results/benchmark_functions
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..plots import grid, save_figure
-from ..symmetry import BOOTH, ROSENBROCK, TestFunction, so2_teleport
+from ..symmetry import BOOTH, ROSENBROCK, BenchmarkFunction, so2_teleport
 from . import _common as C
 
 #: P1's settings per function: lr, start, steps, teleport steps, lr_theta (for ``ascent``), plot window.
@@ -41,7 +41,7 @@ SETTINGS = {
 FUNCTIONS = {"rosenbrock": ROSENBROCK, "booth": BOOTH}
 
 
-def grad(fn: TestFunction, p: torch.Tensor) -> torch.Tensor:
+def grad(fn: BenchmarkFunction, p: torch.Tensor) -> torch.Tensor:
     """``grad L`` at points ``p (..., 2)``."""
     p = p.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -49,7 +49,7 @@ def grad(fn: TestFunction, p: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def grad_norm_sq_rotated(fn: TestFunction, p: torch.Tensor, theta: torch.Tensor, create_graph=False) -> torch.Tensor:
+def grad_norm_sq_rotated(fn: BenchmarkFunction, p: torch.Tensor, theta: torch.Tensor, create_graph=False) -> torch.Tensor:
     """``||grad L(R_theta . p)||^2`` for angles ``theta (n,)`` -> ``(n,)``."""
     with torch.enable_grad():
         q = so2_teleport(fn, p.expand(*theta.shape, 2), theta)
@@ -59,7 +59,7 @@ def grad_norm_sq_rotated(fn: TestFunction, p: torch.Tensor, theta: torch.Tensor,
     return g.pow(2).sum(-1)
 
 
-def best_angle_grid(fn: TestFunction, p: torch.Tensor, n_grid: int = 3600, iters: int = 60) -> float:
+def best_angle_grid(fn: BenchmarkFunction, p: torch.Tensor, n_grid: int = 3600, iters: int = 60) -> float:
     """Global maximiser of ``||grad L||^2`` over the SO(2) orbit: grid search, then golden-section refinement."""
     th = torch.arange(n_grid, dtype=p.dtype) * (2 * math.pi / n_grid)
     s = grad_norm_sq_rotated(fn, p, th)
@@ -82,7 +82,7 @@ def best_angle_grid(fn: TestFunction, p: torch.Tensor, n_grid: int = 3600, iters
     return t if f(t) >= float(s[i]) else float(th[i])
 
 
-def best_angle_ascent(fn: TestFunction, p: torch.Tensor, lr_theta: float, generator: torch.Generator,
+def best_angle_ascent(fn: BenchmarkFunction, p: torch.Tensor, lr_theta: float, generator: torch.Generator,
                       steps: int = 10) -> float:
     """P1's procedure: gradient ascent on ``theta`` from a random start in ``[0, pi)``."""
     theta = torch.rand((), generator=generator, dtype=p.dtype) * math.pi
@@ -95,7 +95,7 @@ def best_angle_ascent(fn: TestFunction, p: torch.Tensor, lr_theta: float, genera
     return float(theta)
 
 
-def run_gd(fn: TestFunction, cfg: dict, teleport: bool, args, generator: torch.Generator) -> dict:
+def run_gd(fn: BenchmarkFunction, cfg: dict, teleport: bool, args, generator: torch.Generator) -> dict:
     """GD from ``cfg['start']``; log the point before each step, the loss and ``||grad||^2`` at it."""
     p = torch.tensor(cfg["start"], dtype=torch.float64)
     path, losses, gns, tele = [p.tolist()], [], [], []
@@ -121,13 +121,13 @@ def run_gd(fn: TestFunction, cfg: dict, teleport: bool, args, generator: torch.G
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m metatele.experiments.test_functions", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m metatele.experiments.benchmark_functions", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--functions", nargs="+", default=["rosenbrock", "booth"], choices=sorted(SETTINGS))
     p.add_argument("--theta-search", default="grid", choices=("grid", "ascent"))
     p.add_argument("--n-grid", type=int, default=3600)
     p.add_argument("--seed", type=int, default=0, help="random start angle of --theta-search ascent")
-    p.add_argument("--out", default="results/test_functions")
+    p.add_argument("--out", default="results/benchmark_functions")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -137,8 +137,8 @@ def run(args) -> dict:
     if args.quick:
         args.n_grid = min(args.n_grid, 360)
     C.check_positive("n_grid", args.n_grid, 8)
-    res = {"experiment": "test_functions", "paper": "P1 section 5", "config": vars(args).copy(), "functions": {}}
-    for name in tqdm(args.functions, desc="test functions", disable=args.no_progress, leave=False):
+    res = {"experiment": "benchmark_functions", "paper": "P1 section 5", "config": vars(args).copy(), "functions": {}}
+    for name in tqdm(args.functions, desc="benchmark functions", disable=args.no_progress, leave=False):
         cfg = dict(SETTINGS[name])
         if args.quick and name == "rosenbrock":
             cfg["steps"], cfg["teleport_at"] = 200, [99, 199]
@@ -182,7 +182,7 @@ def plot(res: dict, out: str) -> None:
             ax.set_ylabel(yl)
             ax.legend(fontsize=7)
     fig.suptitle("GD with and without SO(2) teleportation")
-    save_figure(fig, out, "test_functions")
+    save_figure(fig, out, "benchmark_functions")
 
 
 def _report(res: dict) -> None:
@@ -192,7 +192,7 @@ def _report(res: dict) -> None:
 
 
 def main(argv=None) -> int:
-    return C.cli_main(argv, parser(), run, "test_functions", _report)
+    return C.cli_main(argv, parser(), run, "benchmark_functions", _report)
 
 
 if __name__ == "__main__":

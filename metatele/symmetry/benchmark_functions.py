@@ -1,4 +1,4 @@
-"""SO(2) symmetries of two-dimensional test functions (P1 section 5, SPEC section 3).
+"""SO(2) symmetries of two-dimensional benchmark functions (P1 section 5; docs/mathematics.md, section 3.7).
 
 A loss written as ``L = u^2 + v^2`` with an invertible reparametrisation ``(u, v) = phi(x, y)`` is kept by
 any rotation of ``(u, v)``: teleporting ``(x, y)`` means ``phi^{-1}(R_theta phi(x, y))``.
@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["TestFunction", "ROSENBROCK", "BOOTH", "TEST_FUNCTIONS", "rotation", "so2_teleport"]
+__all__ = ["BenchmarkFunction", "ROSENBROCK", "BOOTH", "BENCHMARK_FUNCTIONS", "rotation", "so2_teleport"]
 
 
 @dataclass(frozen=True)
-class TestFunction:
+class BenchmarkFunction:
     """A 2-D loss with its ``(u, v)`` coordinates: ``loss = u^2 + v^2``."""
 
     name: str
@@ -54,9 +54,9 @@ def _booth_xy(q: Tensor) -> Tensor:
     return torch.stack([(-a + 2 * c) / 3, (2 * a - c) / 3], -1)
 
 
-ROSENBROCK = TestFunction("rosenbrock", _rosen_uv, _rosen_xy)
-BOOTH = TestFunction("booth", _booth_uv, _booth_xy)
-TEST_FUNCTIONS = {f.name: f for f in (ROSENBROCK, BOOTH)}
+ROSENBROCK = BenchmarkFunction("rosenbrock", _rosen_uv, _rosen_xy)
+BOOTH = BenchmarkFunction("booth", _booth_uv, _booth_xy)
+BENCHMARK_FUNCTIONS = {f.name: f for f in (ROSENBROCK, BOOTH)}
 
 
 def rotation(theta: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ def rotation(theta: Tensor) -> Tensor:
     return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
 
-def so2_teleport(fn: TestFunction, p: Tensor, theta: Tensor) -> Tensor:
+def so2_teleport(fn: BenchmarkFunction, p: Tensor, theta: Tensor) -> Tensor:
     """Teleport ``p (..., 2)`` by the rotation of angle ``theta`` in ``(u, v)``: the loss is unchanged."""
     q = fn.to_uv(p)
     return fn.from_uv((rotation(theta) @ q.unsqueeze(-1)).squeeze(-1))
