@@ -69,6 +69,7 @@ def run_world(spec: dict, world: int, tmp: Path, timeout: float = 120) -> list[s
 
 def config_dict(**overrides) -> dict:
     d = json.loads(json.dumps(TINY))
+    d["train"]["drop_diverged"] = False  # data-parallel runs abandon a meta-batch with a diverged trajectory
     for k, v in overrides.items():
         sec, key = k.split("__")
         d.setdefault(sec, {})[key] = v

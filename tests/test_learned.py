@@ -171,7 +171,7 @@ def _unrolled_meta_grads(method, defer: bool, K: int = 4):
     from metatele.meta.unroll import run_window, start
 
     method.defer_weight_grads(defer)
-    prob = regression_batch([4, 5, 4, 3], test_seeds(2), dtype=torch.float64)
+    prob = regression_batch([4, 5, 4, 3], eval_seeds(2), dtype=torch.float64)
     s = start(method, prob.weights, prob.X, prob.Y)
     _, meta, _ = run_window(method, s, K, AutogradStepper(first_order=True), kind="log")
     method.zero_grad(set_to_none=True)
