@@ -179,12 +179,36 @@ def summarise(runs: list[list[float]], at: list[int]) -> dict:
             for e in at if 1 <= e <= a.shape[1]}
 
 
+def diverged_runs(curves: list[list[float]]) -> int:
+    """How many loss curves diverged: ended non-finite or above where they started."""
+    return sum(1 for c in curves if not math.isfinite(c[-1]) or c[-1] > c[0])
+
+
+def warn_diverged(name: str, curves: list[list[float]]) -> None:
+    """Print a warning on stderr if any of ``name``'s loss curves diverged (:func:`diverged_runs`)."""
+    n = diverged_runs(curves)
+    if n:
+        first = next(c for c in curves if not math.isfinite(c[-1]) or c[-1] > c[0])
+        print(f"warning: {name} diverged in {n} of {len(curves)} run(s): loss {first[0]:.4g} at the start, "
+              f"{first[-1]:.4g} at the end", file=sys.stderr)
+
+
 def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
              report: Callable[[dict], None] | None = None) -> int:
-    """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
-    numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
-    becomes a one-line error with exit code 2."""
+    """Shared entry point of the experiments: parse ``argv``, check ``--out`` and ``--threads``, ``run``
+    the experiment, print its headline numbers with ``report(results)``, and say what was written. A bad
+    ``--out`` (a file, an unwritable place) or ``--threads`` is a one-line error with exit code 2 before any
+    work; so is a ``ValueError`` of ``run`` (bad input, missing data)."""
+    from ..checkpoint import check_output_dir
+
     args = parser.parse_args(argv)
+    try:
+        if getattr(args, "threads", 0) < 0:
+            raise ValueError(f"--threads {args.threads} must be >= 0")
+        check_output_dir(args.out)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         res = run(args)
