@@ -267,7 +267,7 @@ def _locked(args, ctx, cfg, methods, CheckpointError) -> int:
                         raise CheckpointMissing(f"checkpoint {str(p)!r} does not exist")
                     check_output_dir(p.parent, "checkpoint folder")
             else:
-                out = check_output_dir(cfg.train.out)
+                out = check_output_dir(cfg.train.out, "--out" if args.out is not None else "train.out")
                 paths = [out / f"{m}.pt" for m in methods]
             for p in paths:
                 locks.append(CheckpointLock(p).acquire())
