@@ -105,10 +105,14 @@ class _Signals:
             signal.signal(s, h)
         self.installed = {}
 
+    def _ignore(self, signum, frame):
+        self.received.append(signum)
+
     @contextmanager
     def deferred(self, reraise: bool = True):
         """Signals arriving in the block are remembered; with ``reraise`` the first is raised as
-        ``KeyboardInterrupt`` once the block is done, otherwise they are dropped."""
+        ``KeyboardInterrupt`` once the block is done. Without, the run is stopping: they are dropped, and
+        so are later ones until :meth:`restore` (when :meth:`install` was called)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -116,15 +120,16 @@ class _Signals:
 
         def hold(signum, frame):
             pending.append(signum)
-            print(f"train_meta.py: signal {signal.Signals(signum).name} received while saving a checkpoint: "
-                  "finishing the save first", file=sys.stderr)
+            if len(pending) == 1:
+                print(f"train_meta.py: signal {signal.Signals(signum).name} received while saving a checkpoint: "
+                      "finishing the save first", file=sys.stderr)
 
         old = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for s, h in old.items():
-                signal.signal(s, h)
+                signal.signal(s, h if reraise or not self.installed else self._ignore)
         if pending:
             self.received.extend(pending)
             if reraise:
@@ -243,8 +248,8 @@ def main(argv=None) -> int:
     try:
         rc = _locked(args, ctx, cfg, methods, CheckpointError)
         return rc
-    except KeyboardInterrupt:  # before training started: nothing to save
-        print(f"train_meta.py: interrupted ({SIGNALS.name}) before training started", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a method's training (loading, between methods): nothing to save
+        print(f"train_meta.py: interrupted ({SIGNALS.name})", file=sys.stderr)
         rc = SIGNALS.exit_code
         return rc
     finally:
