@@ -139,7 +139,8 @@ class CheckpointLock:
     ``fcntl.flock`` on it: the kernel releases it when the process ends, however it ends (also ``kill -9``),
     so a lock file left by a killed run is stale and simply taken over. :meth:`release` (or leaving the
     ``with`` block) removes the file. A second :meth:`acquire` of a held lock raises
-    :class:`CheckpointLocked` naming the owner's PID.
+    :class:`CheckpointLocked` naming the owner's PID. Where the file system has no ``flock`` (some network
+    file systems) the PID in the file decides: a lock whose process is alive on this machine is held.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -155,13 +156,20 @@ class CheckpointLock:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = False
             except OSError as e:
-                os.close(fd)
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    held = True
+                elif e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # no flock: the PID decides
+                    owner = self._pid()
+                    held = owner is not None and owner != os.getpid() and pid_alive(owner)
+                else:
+                    os.close(fd)
                     raise
+            if held:
+                os.close(fd)
                 raise CheckpointLocked(f"checkpoint {str(self.path)!r} is being written by another run "
-                                       f"({self._owner()}); wait for it to finish, or choose another "
-                                       f"--out") from None
+                                       f"({self._owner()}); wait for it to end, or write to another folder")
             try:  # the holder we waited for may have removed the file: lock the file that is there now
                 same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
             except FileNotFoundError:
@@ -174,12 +182,15 @@ class CheckpointLock:
         self._fd = fd
         return self
 
-    def _owner(self) -> str:
+    def _pid(self) -> int | None:
         try:
-            pid = int(self.lock_path.read_text().split()[0])
+            return int(self.lock_path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            return f"lock file {str(self.lock_path)!r}"
-        return f"PID {pid}, lock file {str(self.lock_path)!r}"
+            return None
+
+    def _owner(self) -> str:
+        pid = self._pid()
+        return f"{'' if pid is None else f'PID {pid}, '}lock file {str(self.lock_path)!r}"
 
     def release(self) -> None:
         if self._fd is None:

@@ -128,6 +128,26 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_killed_runs_lock(tmp_path
     assert time.perf_counter() - t0 < 1.0 and os.listdir(tmp_path) == []
 
 
+def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
+    """On a file system without flock the PID in the lock file decides."""
+    import errno
+    import fcntl
+
+    from metatele.checkpoint import CheckpointLock, CheckpointLocked
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    p = tmp_path / "x.pt"
+    (tmp_path / ".x.pt.lock").write_text(f"{_dead_pid()}\n")   # left by a killed run
+    with CheckpointLock(p):
+        pass
+    (tmp_path / ".x.pt.lock").write_text("1\n")                # PID 1 is alive
+    with pytest.raises(CheckpointLocked, match="PID 1"):
+        CheckpointLock(p).acquire()
+
+
 def test_stale_temporary_files_are_removed(tmp_path):
     """Issue 9 item 7: temporary files of writers killed during a save go at the next save to the folder;
     those of live writers (here: this process) and recent ones of unknown writers stay."""
