@@ -5,16 +5,18 @@
                         --ckpt checkpoints/lstm_lr_tele.pt [--seeds 20] [--steps N] [--out results/]
 
 Every method runs on the same unseen initialisations (odd seeds) under torch.no_grad. Writes
-``<out>/results.json`` and ``<out>/meta.png`` / ``meta.pdf`` and prints a summary table. A missing,
-corrupt or mismatched checkpoint gives a one-line error and exit code 2.
+``<out>/results.json`` (strict JSON: non-finite numbers are written as ``null``) and ``<out>/meta.png`` /
+``meta.pdf`` and prints a summary table. A missing, corrupt, hand-edited, non-finite or mismatched
+checkpoint, or an ``--out`` that is not a writable folder, gives a one-line error and exit code 2 before
+any evaluation.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -32,15 +34,34 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def finite_or_none(o):
+    """``o`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(o, dict):
+        return {k: finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_none(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    from metatele.checkpoint import CheckpointError
+    from metatele.checkpoint import CheckpointError, check_output_dir
     from metatele.meta.evaluate import evaluate, load_method, summary_table
 
+    if args.threads < 0:
+        print(f"eval_meta.py: error: --threads {args.threads} must be >= 0 (0: torch's default)", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        out = check_output_dir(args.out)
+    except ValueError as e:
+        print(f"eval_meta.py: error: {e}", file=sys.stderr)
+        return 2
     if args.seeds is not None and args.seeds < 1:
         print(f"eval_meta.py: error: --seeds {args.seeds} must be >= 1", file=sys.stderr)
         return 2
@@ -59,9 +80,7 @@ def main(argv=None) -> int:
         print(f"eval_meta.py: error: {e}", file=sys.stderr)
         return 2
     res["wall_s"] = round(time.perf_counter() - t0, 3)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, allow_nan=False))  # strict JSON: null, not NaN
+    (out / "results.json").write_text(json.dumps(finite_or_none(res), allow_nan=False))
     table = summary_table(res, first_cfg.eval.report_steps, first_cfg.eval.thresholds)
     (out / "summary.txt").write_text(table + "\n")
     if not args.no_plots:

@@ -56,6 +56,12 @@ def _check_range(where: str, value, lo=None, hi=None, *, lo_open=False, integer=
         raise ValueError(f"{where} = {value!r} is out of range; allowed {'(' if lo_open else '['}{lo_s}, {hi_s}]")
 
 
+def _check_list(where: str, value) -> None:
+    if not isinstance(value, list):
+        hint = f", e.g. [{value!r}]" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise ValueError(f"{where} = {value!r} must be a list{hint}")
+
+
 @dataclass
 class ProblemConfig:
     """Regression problem family (docs/meta_learning.md, section 1).
@@ -293,6 +299,8 @@ class EvalConfig:
         _check_range("eval.seeds", self.seeds, 1, 10**6, integer=True)
         _check_range("eval.seed_offset", self.seed_offset, 0, 10**12, integer=True)
         _check_range("eval.gd_lr", self.gd_lr, 0, 1.0, lo_open=True)
+        for k in ("tele_at", "thresholds", "report_steps"):
+            _check_list(f"eval.{k}", getattr(self, k))
         for i, t in enumerate(self.tele_at):
             _check_range(f"eval.tele_at[{i}]", t, 0, 10**9, integer=True)
         _check_range("eval.tele_steps", self.tele_steps, 1, 10**6, integer=True)
@@ -408,6 +416,8 @@ def load_config(path: str | Path | None = None) -> Config:
     if path is None:
         return Config().validate()
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"config file {str(p)!r} is a directory, not a TOML file")
     if not p.is_file():
         raise ValueError(f"config file {str(p)!r} does not exist")
     try:
@@ -415,4 +425,9 @@ def load_config(path: str | Path | None = None) -> Config:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(p)!r} is not a text (UTF-8) TOML file: byte {e.start} "
+                         f"cannot be decoded") from None
+    except OSError as e:
+        raise ValueError(f"config file {str(p)!r} cannot be read ({e.strerror or type(e).__name__})") from None
     return config_from_dict(data)

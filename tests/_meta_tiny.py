@@ -58,3 +58,41 @@ def tiny_config(**overrides) -> Config:
         sec, key = k.split("__")
         d.setdefault(sec, {})[key] = v
     return config_from_dict(d)
+
+
+def in_child(fn, timeout: float = 60.0) -> int:
+    """Run ``fn()`` in a forked child process (no interpreter start-up cost) and return how it ended:
+    its exit code, or minus the signal that killed it. ``fn`` may end the child with ``os.kill``."""
+    import os
+    import signal
+    import time
+    import traceback
+
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            import torch
+            torch.set_num_threads(1)
+            rc = fn()
+            code = rc if isinstance(rc, int) else 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 99
+        finally:
+            import sys
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    t_end = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > t_end:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"child {pid} still running after {timeout} s")
+        time.sleep(0.01)

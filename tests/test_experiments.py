@@ -132,11 +132,14 @@ def test_benchmark_functions_quick(tmp_path):
     assert len(res["functions"]["booth"]["gd"]["loss"]) == 10
 
 
-def test_regression_quick(tmp_path):
+def test_regression_quick(tmp_path, capsys):
     out = str(tmp_path / "r")
     assert regression.main(["--quick", "--no-progress", "--out", out]) == 0
     res = outputs(out, "regression")
     assert set(res["runs"]) == {"GD", "GD + teleport", "AdaGrad", "AdaGrad + teleport"}
+    err = capsys.readouterr().err
+    for key, s in res["summary"].items():             # issue 9 item 10: a divergence is said, not hidden
+        assert (f"warning: {key} diverged" in err) == (s["diverged_runs"] > 0)
     for key in ("GD + teleport", "AdaGrad + teleport"):
         ev = res["runs"][key][0]["events"]
         assert len(ev) == 1 and ev[0]["step"] == 5
@@ -153,6 +156,30 @@ def test_missing_dataset_message(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and "--download" in err and "Traceback" not in err
+
+
+def test_divergence_warning(capsys):
+    from metatele.experiments._common import diverged_runs, warn_diverged
+
+    curves = [[10.0, 5.0, 1.0], [10.0, 50.0, 2e5], [10.0, 1.0, float("nan")]]
+    assert diverged_runs(curves) == 2 and diverged_runs(curves[:1]) == 0
+    warn_diverged("GD + teleport", curves)
+    warn_diverged("GD", curves[:1])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: GD + teleport diverged in 2 of 3 run(s): loss 10 at the start, 2e+05 at the end"]
+
+
+@pytest.mark.parametrize("out", ["file", "/proc/metatele-x"])
+def test_unusable_out_fails_before_any_work(tmp_path, capsys, out):
+    if out == "file":
+        out = tmp_path / "F"
+        out.write_text("not a folder")
+    assert regression.main(["--quick", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m metatele.experiments.regression: error: --out")
+    assert str(out) in err[0]
+    assert optimizers.main(["--quick", "--threads", "-4", "--out", str(tmp_path / "o")]) == 2
+    assert "--threads -4 must be >= 0" in capsys.readouterr().err
 
 
 def test_bad_argument_is_reported(tmp_path, capsys):

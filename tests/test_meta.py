@@ -1,5 +1,6 @@
 """metatele.meta: the higher unroll against a plain-tensor reference and finite differences, graph cuts
 between truncation windows, resume, seeds, non-finite meta-updates, evaluation."""
+import re
 import weakref
 
 import pytest
@@ -216,6 +217,28 @@ def test_config_errors_name_value_and_range(tmp_path):
     cfg = load_config("configs/paper.toml")
     assert (cfg.methods["lstm_update_tele"].trajectories, cfg.methods["lstm_update_tele"].steps) == (700, 100)
     assert cfg.meta.unroll == 10 and cfg.meta.lr_update == 1e-3 and cfg.meta.lr_teleport == 1e-4
+
+
+@pytest.mark.parametrize("text, msg", [("[eval]\ntele_at = 5\n", "eval.tele_at = 5 must be a list, e.g. [5]"),
+                                       ("[eval]\nthresholds = 1.5\n", "eval.thresholds = 1.5 must be a list"),
+                                       ("[eval]\nreport_steps = 'all'\n", "eval.report_steps = 'all' must be a list")])
+def test_config_scalar_for_a_list_names_the_key(tmp_path, text, msg):
+    """Issue 9 item 9: a ValueError naming the key, not a TypeError from iterating a number."""
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        load_config(p)
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "binary.toml"
+    p.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=re.escape(f"config file {str(p)!r} is not a text (UTF-8) TOML file")):
+        load_config(p)
+    with pytest.raises(ValueError, match=re.escape(f"config file {str(tmp_path)!r} is a directory")):
+        load_config(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
 
 
 def test_diverging_window_keeps_finite_terms():

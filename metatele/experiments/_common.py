@@ -187,19 +187,43 @@ PAPERS_EPILOG = ("P1: Zhao, Dehmamy, Walters, Yu, Symmetry Teleportation for Acc
                  "More in docs/references.md.")
 
 
+def diverged_runs(curves: list[list[float]]) -> int:
+    """How many loss curves diverged: ended non-finite or above where they started."""
+    return sum(1 for c in curves if not math.isfinite(c[-1]) or c[-1] > c[0])
+
+
+def warn_diverged(name: str, curves: list[list[float]]) -> None:
+    """Print a warning on stderr if any of ``name``'s loss curves diverged (:func:`diverged_runs`)."""
+    n = diverged_runs(curves)
+    if n:
+        first = next(c for c in curves if not math.isfinite(c[-1]) or c[-1] > c[0])
+        print(f"warning: {name} diverged in {n} of {len(curves)} run(s): loss {first[0]:.4g} at the start, "
+              f"{first[-1]:.4g} at the end", file=sys.stderr)
+
+
 def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
              report: Callable[[dict], None] | None = None) -> int:
-    """Shared entry point of the experiments: parse ``argv``, ``run`` the experiment, print its headline
-    numbers with ``report(results)``, and say what was written. A ``ValueError`` (bad input, missing data)
-    becomes a one-line error with exit code 2. The figures are only written to files, so the command
-    selects matplotlib's non-interactive ``Agg`` backend (importing :mod:`metatele.plots` does not), and
-    ``--help`` ends with the papers behind the short names P1 and P2."""
+    """Shared entry point of the experiments: parse ``argv``, check ``--out`` and ``--threads``, ``run``
+    the experiment, print its headline numbers with ``report(results)``, and say what was written. A bad
+    ``--out`` (a file, an unwritable place) or ``--threads`` is a one-line error with exit code 2 before any
+    work; so is a ``ValueError`` of ``run`` (bad input, missing data). The figures are only written to
+    files, so the command selects matplotlib's non-interactive ``Agg`` backend (importing
+    :mod:`metatele.plots` does not), and ``--help`` ends with the papers behind the short names P1 and P2."""
     import matplotlib
+
+    from ..checkpoint import check_output_dir
 
     matplotlib.use("Agg")
     if parser.epilog is None:
         parser.epilog = PAPERS_EPILOG
     args = parser.parse_args(argv)
+    try:
+        if getattr(args, "threads", 0) < 0:
+            raise ValueError(f"--threads {args.threads} must be >= 0")
+        check_output_dir(args.out)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         res = run(args)

@@ -123,7 +123,8 @@ def run(args) -> dict:
         summ[key] = {"loss_at": {str(s): float(np.exp(np.log(L[:, s]).mean())) for s in (0, 5, 6, 10, 50, 100, 299)
                                  if s < L.shape[1]},
                      "final_loss_geomean": float(np.exp(np.log(L[:, -1]).mean())),
-                     "wall_time_s": float(np.mean([h["time"][-1] for h in hs]))}
+                     "wall_time_s": float(np.mean([h["time"][-1] for h in hs])),
+                     "diverged_runs": C.diverged_runs([h["loss"] for h in hs])}
         ev = [e for h in hs for e in h["events"]]
         if ev:
             summ[key]["grad_norm_sq_before_after"] = [float(np.mean([e["objective_before"] for e in ev])),
@@ -164,6 +165,8 @@ def plot(res: dict, out: str) -> None:
 def _report(res: dict) -> None:
     for k, v in res["summary"].items():
         print(k, v)
+    for k, hs in res["runs"].items():
+        C.warn_diverged(k, [h["loss"] for h in hs])
 
 
 def main(argv=None) -> int:
