@@ -45,6 +45,8 @@ __all__ = ["apply_overrides", "seed_config", "train_seed", "curves_by_method", "
            "study_tables", "run_study", "main"]
 
 PAIRS = (("lstm_update_tele", "lstm_update"), ("lstm_lr_tele", "gd"))
+#: The loss a diverged evaluation run counts as in the pair statistics (log-ratio about +/-46 against 10).
+DIVERGED = 1e21
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -118,12 +120,13 @@ def _seed_key(label: str):
 
 def compare(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """``a (S, N)`` vs ``b (S or 1, N)`` losses at one step over (training seed, initialisation) pairs:
-    fraction of pairs with ``a < b``, mean log-ratio and its crossed bootstrap 95% interval."""
+    fraction of pairs with ``a < b``, mean log-ratio and its crossed bootstrap 95% interval (a
+    non-finite loss counts as :data:`DIVERGED`)."""
     b = np.broadcast_to(b, a.shape)
-    a_, b_ = np.where(np.isfinite(a), a, np.inf), np.where(np.isfinite(b), b, np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lr = np.log(a_) - np.log(b_)
-    lr = np.where(np.isnan(lr), 0.0, lr)  # both diverged: a tie
+    # a diverged run (non-finite loss) counts as a loss of DIVERGED, so that it weighs heavily against
+    # its method in the log-ratio without making the mean infinite; two diverged runs tie
+    a_, b_ = np.where(np.isfinite(a), a, DIVERGED), np.where(np.isfinite(b), b, DIVERGED)
+    lr = np.log(a_) - np.log(b_)
     rng = np.random.default_rng(seed)
     S, N = lr.shape
     boots = np.empty(n_boot)
