@@ -240,6 +240,14 @@ class TrainConfig:
       or ``"cuda:N"``.
     out: checkpoint folder.
     save_every: write the checkpoint every this many meta-batches (and at the end, and on Ctrl-C).
+    select_every: keep the meta-parameters that do best on held-out training problems, checked every this
+      many meta-batches and at the end (0: off, the final meta-parameters are the result). Evaluation and
+      ``LearnedOptimizer.from_checkpoint`` use the selected ones; training goes on from the current ones.
+    select_trajectories: held-out problems of that check (seeds of the training stream that no
+      meta-batch uses, never evaluation seeds).
+    select_horizon: the check runs ``select_horizon`` times the training horizon and scores the mean
+      over problems and steps of ``log L`` (a non-finite loss counts as 1e21): early speed, the loss at
+      the horizon and stability beyond it all count.
     drop_diverged: when some trajectories of a meta-batch diverge (non-finite weights or loss), go on with
       the others (True) instead of abandoning the whole meta-batch (False: the behaviour before this
       option; data-parallel runs always abandon it). With many trajectories per meta-batch, abandoning
@@ -252,6 +260,9 @@ class TrainConfig:
     device: str = "auto"
     out: str = "checkpoints"
     save_every: int = 10
+    select_every: int = 0
+    select_trajectories: int = 16
+    select_horizon: float = 3.0
     drop_diverged: bool = True
 
     def validate(self) -> None:
@@ -264,6 +275,9 @@ class TrainConfig:
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"train.out = {self.out!r} must be a folder path")
         _check_range("train.save_every", self.save_every, 1, 10**9, integer=True)
+        _check_range("train.select_every", self.select_every, 0, 10**9, integer=True)
+        _check_range("train.select_trajectories", self.select_trajectories, 1, 10**6, integer=True)
+        _check_range("train.select_horizon", self.select_horizon, 1.0, 100.0)
         if not isinstance(self.drop_diverged, bool):
             raise ValueError(f"train.drop_diverged = {self.drop_diverged!r} must be true or false")
 

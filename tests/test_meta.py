@@ -283,3 +283,29 @@ def test_diverged_trajectories_are_dropped_not_the_meta_batch():
     assert p.dropped == 1 and p.diverged == 0 and not r["diverged"] and ts[-1] == 9
     p, r, ts = run(False)
     assert p.dropped == 0 and p.diverged == 1 and r["diverged"] and ts[-1] < 9
+
+
+def test_selection_keeps_the_best_meta_parameters(tmp_path):
+    """train.select_every: the trainer scores its meta-parameters on held-out training-stream problems
+    and keeps the best; checkpoints carry them, evaluation loads them, resume restores them."""
+    from metatele.checkpoint import load_checkpoint
+    from metatele.meta.evaluate import load_method
+
+    cfg = tiny_config(train__select_every=1, train__select_trajectories=2, train__select_horizon=1.5)
+    tr = MetaTrainer("lstm_update", cfg)
+    scores = []
+    orig = tr.selection_score
+    tr.selection_score = lambda: scores.append(orig()) or scores[-1]
+    tr.run_meta_batch()
+    tr.run_meta_batch()
+    assert len(scores) == 2 and tr.best["score"] == min(scores)
+    assert set(tr.selection_seeds()).isdisjoint(set(tr.seeds_for(0) + tr.seeds_for(1)))
+    assert all(s % 2 == 0 for s in tr.selection_seeds())  # training stream, never evaluation seeds
+    tr.save(tmp_path / "a.pt")
+    ck = load_checkpoint(tmp_path / "a.pt")
+    m, _, _ = load_method(tmp_path / "a.pt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ck["best"]["meta_params"][k])
+    tr2 = MetaTrainer("lstm_update", cfg)
+    tr2.load_payload(ck)
+    assert tr2.best["score"] == tr.best["score"] and tr2.best["meta_batch"] == tr.best["meta_batch"]

@@ -37,8 +37,9 @@ def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]
                               f"dims {list(ck['dims'])}")
     method = build_method(ck["method"], cfg)
     check_arch(ck, method.arch(), str(path))
+    params = ck["best"]["meta_params"] if ck.get("best") else ck["meta_params"]  # train.select_every
     try:
-        method.load_state_dict(ck["meta_params"])
+        method.load_state_dict(params)
     except (RuntimeError, KeyError) as e:
         raise CheckpointMismatch(f"{path} does not fit its meta-optimiser: {str(e).splitlines()[0][:150]}") from None
     method.eval()

@@ -43,11 +43,13 @@ from ..checkpoint import check_arch, library_versions, load_checkpoint, save_che
 from ..config import Config, config_from_dict, config_to_dict
 from ..learned.methods import LearnedMethod, weight_shapes
 from ..problems import regression_batch, train_seeds
-from .unroll import STEPPERS, InnerState, run_window, start
+from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
 __all__ = ["Progress", "MetaTrainer", "build_method", "meta_optimizer", "grads_finite", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
+SELECT_OFFSET = 10**7
 
 
 @dataclass
@@ -135,6 +137,7 @@ class MetaTrainer:
         self.opt = meta_optimizer(self.method.param_groups(cfg.meta))
         self.progress = Progress()
         self.counts = cfg.methods[method_name]
+        self.best: dict[str, Any] | None = None  # selected meta-parameters (train.select_every)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -220,12 +223,31 @@ class MetaTrainer:
                 diverged = True
                 break
         self.progress.meta_batch = i + 1
+        every = self.cfg.train.select_every
+        if every and ((i + 1) % every == 0 or i + 1 == self.n_meta_batches):
+            score = self.selection_score()
+            if self.best is None or score < self.best["score"]:
+                self.best = {"meta_params": copy.deepcopy(self.method.state_dict()), "score": score,
+                             "meta_batch": i + 1}
         self.progress.trajectories += self.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
         self.progress.wall += time.perf_counter() - t_begin
         mean = sum(metas) / len(metas) if metas else float("nan")
         self.progress.history.append(mean)
         return {"meta_batch": i, "meta_loss": mean, "diverged": diverged, "seeds": seeds}
+
+    def selection_seeds(self) -> list[int]:
+        """Held-out problems of the selection check: training-stream seeds far beyond any meta-batch's."""
+        return train_seeds(self.cfg.train.select_trajectories, start=self.cfg.train.seed_offset + SELECT_OFFSET)
+
+    def selection_score(self) -> float:
+        """Mean over the held-out problems and the ``select_horizon x steps`` evaluation steps of ``log L``
+        (non-finite: ``log 1e21``) of the current meta-parameters, under ``torch.no_grad``; lower is better."""
+        prob = regression_batch(self.cfg.problem.dims, self.selection_seeds(), dtype=self.dtype, device=self.device)
+        H = max(1, int(round(self.cfg.train.select_horizon * self.counts.steps)))
+        L = rollout(self.method, prob.weights, prob.X, prob.Y, H)["loss"].double()
+        L = torch.where(torch.isfinite(L), L.clamp_min(1e-30), torch.full_like(L, 1e21))
+        return float(L.log().mean())
 
     # ------------------------------------------------------------------ checkpoints
     def payload(self) -> dict[str, Any]:
@@ -237,6 +259,7 @@ class MetaTrainer:
             "config": config_to_dict(self.cfg),
             "meta_params": copy.deepcopy(self.method.state_dict()),
             "meta_optim": copy.deepcopy(self.opt.state_dict()),
+            "best": copy.deepcopy(self.best),
             "progress": asdict(copy.deepcopy(self.progress)),
             "distributed": {"rank": self.rank, "world_size": self.world_size},
             "rng": torch.get_rng_state(),
@@ -259,6 +282,7 @@ class MetaTrainer:
             raise CheckpointMismatch(f"{path} does not fit this meta-optimiser: "
                                      f"{str(e).splitlines()[0][:150]}") from None
         self.progress = Progress(**ck["progress"])
+        self.best = copy.deepcopy(ck.get("best"))
 
     @classmethod
     def resume(cls, path, *, trajectories: int | None = None, **kwargs) -> "MetaTrainer":
