@@ -25,6 +25,7 @@ from ..checkpoint import ProblemMismatch
 from ..nets import from_sequential, to_sequential
 from .methods import LearnedMethod
 from .teleport import action_dtype, apply_learned_teleport
+from .loading import load_method
 
 __all__ = ["LearnedOptimizer"]
 
@@ -54,8 +55,6 @@ class LearnedOptimizer:
     @classmethod
     def from_checkpoint(cls, path: str | Path, params: Iterable[Tensor]) -> "LearnedOptimizer":
         """Load a ``train_meta.py`` checkpoint (typed :mod:`metatele.checkpoint` errors on failure)."""
-        from ..meta.evaluate import load_method
-
         method, _, _ = load_method(path)
         return cls(params, method)
 

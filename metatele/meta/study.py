@@ -39,6 +39,7 @@ import torch
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import METHODS, Config, config_from_dict, config_to_dict, load_config
 from .evaluate import evaluate, finite_or_none
+from .figures import LABELS
 from .trainer import MetaTrainer
 
 __all__ = ["apply_overrides", "seed_config", "train_seed", "curves_by_method", "compare", "spikes",
@@ -197,8 +198,6 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: int, out: Path) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .figures import LABELS
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for m, L in curves.items():

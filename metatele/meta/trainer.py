@@ -40,14 +40,14 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import check_arch, library_versions, load_checkpoint, save_checkpoint, CheckpointMismatch
-from ..config import Config, config_from_dict, config_to_dict
-from ..learned.methods import LearnedMethod, weight_shapes
+from ..config import Config, config_to_dict
+from ..devices import resolve_device, shard
+from ..learned.loading import DTYPES, build_method, checkpoint_config
 from ..problems import regression_batch, train_seeds
 from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
-__all__ = ["Progress", "MetaTrainer", "build_method", "meta_optimizer", "grads_finite", "DTYPES"]
+__all__ = ["Progress", "MetaTrainer", "meta_optimizer", "grads_finite"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 #: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
 SELECT_OFFSET = 10**7
 
@@ -65,16 +65,6 @@ class Progress:
     dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone)
     wall: float = 0.0        # seconds spent in meta-batches
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
-
-
-def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedMethod:
-    """Construct the LSTMs of ``name`` for ``cfg.problem.dims`` with parameters drawn from ``seed``
-    (default ``cfg.train.seed``) without touching the global RNG of the caller."""
-    seed = cfg.train.seed if seed is None else seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport)
-    return m.to(DTYPES[cfg.problem.dtype])
 
 
 def meta_optimizer(groups: list[dict]) -> torch.optim.Adam:
@@ -102,10 +92,10 @@ class MetaTrainer:
     rank, world_size: this process's place among data-parallel meta-trainers (seeds are split by them).
     grad_hook: called as ``grad_hook(list_of_meta_parameters)`` between ``backward()`` and the
       finiteness check and Adam step; the place for ``torch.distributed.all_reduce`` of ``p.grad``.
-    window_hook: ``(meta_loss, inner weights diverged) -> (meta_loss, diverged)`` after each window; and the
-      attribute ``stop_hook`` (``int -> int``, passed to ``run_window`` as ``stop_sync``): the
-      world-wide versions of the trainer's data-dependent decisions, set by
-      :func:`metatele.meta.distributed.attach`, so that every rank takes the branch one process would.
+    window_hook: ``(meta_loss, inner weights diverged) -> (meta_loss, diverged)`` after each window, and
+      stop_hook: ``int -> int``, passed to ``run_window`` as ``stop_sync``: the world-wide versions of the
+      trainer's data-dependent decisions (:func:`metatele.meta.distributed.trainer_hooks`), so that every
+      rank takes the branch one process would.
     device: overrides ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
     stepper: ``"higher"`` (default) or ``"autograd"`` (plain-tensor reference, same numbers).
     """
@@ -113,14 +103,13 @@ class MetaTrainer:
     def __init__(self, method_name: str, cfg: Config, *, rank: int = 0, world_size: int = 1,
                  grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None,
                  stepper: str = "higher", device: str | torch.device | None = None,
-                 window_hook: Callable[[float, bool], tuple[float, bool]] | None = None):
+                 window_hook: Callable[[float, bool], tuple[float, bool]] | None = None,
+                 stop_hook: Callable[[int], int] | None = None):
         if method_name not in cfg.methods:
             raise ValueError(f"method {method_name!r} has no [methods.{method_name}] counts; "
                              f"configured: {sorted(cfg.methods)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        from .distributed import resolve_device, shard
-
         self.batch = cfg.batch_of(method_name)  # global meta-batch: methods.<name>.batch or train.batch
         shard(self.batch, rank, world_size)  # clear error if world_size > the meta-batch
         if stepper not in ("higher", "autograd"):
@@ -129,7 +118,7 @@ class MetaTrainer:
         self.rank, self.world_size = rank, world_size
         self.grad_hook = grad_hook
         self.window_hook = window_hook
-        self.stop_hook: Callable[[int], int] | None = None
+        self.stop_hook = stop_hook
         self.stepper_kind = stepper
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
@@ -147,8 +136,6 @@ class MetaTrainer:
     def seeds_for(self, meta_batch: int) -> list[int]:
         """Training seeds of meta-batch ``meta_batch`` on this rank: its share of the ``train.batch`` seeds
         of the meta-batch (disjoint across ranks and steps; the union over ranks is one process's batch)."""
-        from .distributed import shard
-
         B = self.batch
         lo, hi = shard(B, self.rank, self.world_size)
         first = self.cfg.train.seed_offset + meta_batch * B + lo
@@ -286,9 +273,11 @@ class MetaTrainer:
 
     @classmethod
     def resume(cls, path, *, trajectories: int | None = None, **kwargs) -> "MetaTrainer":
-        """Rebuild a trainer from a checkpoint (its own configuration), optionally with more trajectories."""
-        ck = load_checkpoint(path)
-        cfg = config_from_dict(ck["config"])
+        """Rebuild a trainer from a checkpoint (a path or a loaded checkpoint dict; its own configuration),
+        optionally with more trajectories; ``kwargs`` go to the constructor."""
+        ck = path if isinstance(path, dict) else load_checkpoint(path)
+        path = "checkpoint" if isinstance(path, dict) else path
+        cfg = checkpoint_config(ck, path)
         if trajectories is not None:
             cfg.methods[ck["method"]].trajectories = int(trajectories)
             cfg.validate()
