@@ -212,7 +212,6 @@ def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
     :mod:`metatele.plots` does not), and ``--help`` ends with the papers behind the short names P1 and P2."""
     import matplotlib
 
-
     matplotlib.use("Agg")
     if parser.epilog is None:
         parser.epilog = PAPERS_EPILOG
