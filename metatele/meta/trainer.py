@@ -43,10 +43,11 @@ from ..checkpoint import check_arch, library_versions, load_checkpoint, save_che
 from ..config import Config, config_to_dict
 from ..devices import resolve_device, shard
 from ..learned.loading import DTYPES, build_method, checkpoint_config
+from ..learned.methods import LearnedMethod
 from ..problems import regression_batch, train_seeds
 from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
-__all__ = ["Progress", "MetaTrainer", "meta_optimizer", "grads_finite"]
+__all__ = ["Progress", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite"]
 
 #: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
 SELECT_OFFSET = 10**7
@@ -65,6 +66,19 @@ class Progress:
     dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone)
     wall: float = 0.0        # seconds spent in meta-batches
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
+
+
+def meta_param_groups(method: LearnedMethod, *, lr_update: float, lr_teleport: float,
+                      lr_lr_teleport: float) -> list[dict]:
+    """Adam parameter groups of a learned method (P2 section 6): the update LSTM at ``lr_update``, the
+    teleport LSTMs at ``lr_teleport`` (``lr_lr_teleport`` for LSTM(lr,tele)'s LrTeleportLSTMs)."""
+    groups = []
+    if method.update_net is not None:
+        groups.append({"params": list(method.update_net.parameters()), "lr": lr_update, "name": "update"})
+    if method.tele_nets is not None:
+        lr = lr_lr_teleport if method.learn_lr else lr_teleport
+        groups.append({"params": list(method.tele_nets.parameters()), "lr": lr, "name": "teleport"})
+    return groups
 
 
 def meta_optimizer(groups: list[dict]) -> torch.optim.Adam:
@@ -123,7 +137,9 @@ class MetaTrainer:
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
         self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(True)
-        self.opt = meta_optimizer(self.method.param_groups(cfg.meta))
+        m = cfg.meta
+        self.opt = meta_optimizer(meta_param_groups(self.method, lr_update=m.lr_update, lr_teleport=m.lr_teleport,
+                                                    lr_lr_teleport=m.lr_lr_teleport))
         self.progress = Progress()
         self.counts = cfg.methods[method_name]
         self.best: dict[str, Any] | None = None  # selected meta-parameters (train.select_every)
