@@ -309,3 +309,27 @@ def test_selection_keeps_the_best_meta_parameters(tmp_path):
     tr2 = MetaTrainer("lstm_update", cfg)
     tr2.load_payload(ck)
     assert tr2.best["score"] == tr.best["score"] and tr2.best["meta_batch"] == tr.best["meta_batch"]
+
+
+def test_inner_gradient_is_partial_after_a_two_hidden_layer_teleport():
+    """After a teleport of a two-hidden-layer network the later weights are functions of the earlier
+    ones; the steppers must still hand the update the partial derivatives (those of detached weights)."""
+    from metatele.learned.teleport import apply_learned_teleport
+    from metatele.nets import mse_loss
+
+    prob = regression_batch([5, 6, 5, 5, 4], train_seeds(2), dtype=torch.float64)
+    W = tuple(w.clone().requires_grad_(True) for w in prob.weights)
+    gen = torch.Generator().manual_seed(0)
+    Ts = [0.05 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    Wt = apply_learned_teleport(W, prob.X, Ts)  # W_2' depends on W_1'
+    lf = lambda w: mse_loss(w, prob.X, prob.Y)  # noqa: E731
+    wd = tuple(w.detach().requires_grad_(True) for w in Wt)
+    ref = torch.autograd.grad(lf(wd).sum(), wd)
+    for stepper in (AutogradStepper(first_order=True), AutogradStepper(first_order=False),
+                    HigherStepper(3, first_order=True), HigherStepper(3, first_order=False)):
+        _, g = stepper.grad(Wt, lf)
+        for a, b in zip(g, ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+        _, _, g2 = stepper.step(Wt, lf, lambda w, g: tuple(x - 1e-3 * y for x, y in zip(w, g)))
+        for a, b in zip(g2, ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
