@@ -182,14 +182,37 @@ class Exactness:
         return self.verdict in ("exact", "projection")
 
 
-def _rank_verdict(mat: Tensor, what: str) -> tuple[str, str]:
-    """Verdict for a right pseudo-inverse ``A mat^+ mat = A``: needs full column rank ``b``."""
+def _svd_rank(mat: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Numerical rank of ``mat`` (``torch.linalg.matrix_rank``'s default tolerance, float64) and its SVD."""
+    m64 = mat.detach().double()
+    U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
+    if S.numel() == 0:
+        return torch.zeros(S.shape[:-1], dtype=torch.long, device=S.device), (U, S, Vh)
+    tol = S[..., :1] * (max(m64.shape[-2], m64.shape[-1]) * torch.finfo(torch.float64).eps)
+    return (S > tol).sum(-1), (U, S, Vh)
+
+
+def pinv_from_svd(svd: tuple[Tensor, Tensor, Tensor], dtype: torch.dtype, shape: tuple[int, int]) -> Tensor:
+    """Moore-Penrose pseudo-inverse from a float64 SVD, with ``torch.linalg.pinv``'s default cut-off for
+    ``dtype`` (singular values below ``max(m, n) * eps(dtype) * sigma_max`` are dropped), returned in ``dtype``."""
+    U, S, Vh = svd
+    if S.numel() == 0:
+        return torch.zeros(*S.shape[:-1], shape[1], shape[0], dtype=dtype, device=S.device)
+    cut = S[..., :1] * (max(shape) * torch.finfo(dtype).eps)
+    inv = torch.where(S > cut, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+    return ((Vh.mT * inv.unsqueeze(-2)) @ U.mT).to(dtype)
+
+
+def _rank_verdict(mat: Tensor, what: str, rank_svd=None) -> tuple[str, str]:
+    """Verdict for a right pseudo-inverse ``A mat^+ mat = A``: needs full column rank ``b``.
+
+    ``rank_svd``: an already computed ``(rank, svd)`` of ``mat`` (see :func:`_svd_rank`)."""
     rows, b = mat.shape[-2], mat.shape[-1]
     if b > rows:
         return "approximate", f"batch {b} > {what} {rows}"
     if not bool(torch.isfinite(mat).all()):
         return "approximate", f"non-finite values in the input of {what} {rows}"
-    rank = torch.linalg.matrix_rank(mat.detach().double())
+    rank = (rank_svd if rank_svd is not None else _svd_rank(mat))[0]
     if bool((rank < b).any()):
         return "approximate", f"{what} {rows} >= batch {b} but rank {int(rank.min())} < {b}"
     if b < rows:
@@ -198,12 +221,16 @@ def _rank_verdict(mat: Tensor, what: str) -> tuple[str, str]:
 
 
 def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
-              slope: float = DEFAULT_SLOPE, bias: bool = False) -> Exactness:
+              slope: float = DEFAULT_SLOPE, bias: bool = False, return_pinv: bool = False):
     """Tell whether ``action`` keeps the loss of this network on the batch ``X`` (docs/mathematics.md, section 3.8).
 
     ``inverse`` needs each pair's input ``[h; 1]`` to have full column rank (``b <= n``);
     ``pseudo_inverse`` needs ``sigma(g V h)`` (``k x b``) to have full column rank (``b <= k``);
     ``linearised`` is first order only; ``linear`` is exact for slope 1.
+
+    ``return_pinv=True`` returns ``(Exactness, X_pinv)``: the pseudo-inverse of ``X`` (``[X; 1]`` with a bias)
+    that the ``inverse`` and ``linearised`` actions need, built from the same singular value decomposition as
+    the rank test of the first layer (one SVD of the batch instead of two; ``None`` for the other actions).
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; allowed: {ACTIONS}")
@@ -211,12 +238,17 @@ def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
     hs = [X]
     for W in weights[:-2]:
         hs.append(leaky_relu(W @ (augment(hs[-1]) if bias else hs[-1]), slope))
+    X_pinv = None
     for i, h in enumerate(hs):
         ha = augment(h) if bias else h
         if action == "linear":
             v, d = ("exact", "linear layers") if slope == 1.0 else ("approximate", f"slope {slope} != 1")
         elif action == "inverse":
-            v, d = _rank_verdict(ha, f"input width of layer {i}{' (+1 bias)' if bias else ''}")
+            rs = None
+            if i == 0 and return_pinv and bool(torch.isfinite(ha).all()):
+                rs = _svd_rank(ha)
+                X_pinv = pinv_from_svd(rs[1], ha.dtype, tuple(ha.shape[-2:]))
+            v, d = _rank_verdict(ha, f"input width of layer {i}{' (+1 bias)' if bias else ''}", rs)
         elif action == "pseudo_inverse":
             v, d = _rank_verdict(leaky_relu(weights[i] @ ha, slope), f"hidden width {i}")
         else:
@@ -224,4 +256,10 @@ def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
         per.append(v)
         detail.append(d)
     verdict = max(per, key=_ORDER.__getitem__) if per else "exact"
-    return Exactness(verdict, per, detail)
+    ex = Exactness(verdict, per, detail)
+    if not return_pinv:
+        return ex
+    if X_pinv is None and action in ("inverse", "linearised"):
+        Xa = augment(X) if bias else X
+        X_pinv = torch.linalg.pinv(Xa)
+    return ex, X_pinv
