@@ -316,9 +316,11 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
     cond = [torch.ones(lead, dtype=torch.float64, device=dev) for _ in widths]
     s_cur, _, d_cur = evaluate(W, need_grad=steps > 0)
     if ex.verdict != "exact" and steps > 0:
-        # s_cur is the objective of transform(W, I), which for a non-exact action is a projection of W; the
-        # report quotes the objective of the weights themselves
+        # s_cur is the objective of transform(W, I), which for a non-exact action is a projection of W (and
+        # transform(W', I) = W' for every W' = transform(W, g)); the report and the line search compare with
+        # the objective of the weights themselves
         obj_before, _, _ = evaluate(W, need_grad=False)
+        s_cur = obj_before
     else:
         obj_before = s_cur
     L_ref = loss_before.abs() + tiny
@@ -396,7 +398,7 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
     if steps == 0:
         obj_after, _, _ = evaluate(W, need_grad=False)
         obj_before = obj_after
-    else:  # s_cur is the objective of the last accepted weights (of transform(W, I) if none was accepted)
+    else:  # s_cur is the objective of the last accepted weights
         obj_after = torch.where(steps_taken > 0, s_cur, obj_before)
     rolled_back = sum(v for v in rejected.values()) > 0
     report = TeleportReport(loss_before, loss_after, obj_before, obj_after, steps_taken, capped, rolled_back,
