@@ -20,8 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nets import DEFAULT_SLOPE, augment, check_weights, from_sequential, loss_fn, to_sequential
-from .objectives import make_objective
+from .nets import (DEFAULT_SLOPE, augment, check_weights, from_sequential, leaky_relu, leaky_relu_grad, loss_fn,
+                   to_sequential)
+from .objectives import make_objective, partial_inputs
 from .symmetry.actions import ACTIONS, Exactness, exactness, transform
 from .symmetry.group import PARAMETRISATIONS, group_element, identity_like, normalise
 
@@ -193,6 +194,31 @@ def check_teleport_data(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None, 
         raise ValueError(f"unknown loss {loss!r}; allowed: 'mse', 'ce'")
 
 
+def exact_action_grad(weights: Sequence[Tensor], X: Tensor, weight_grads: Sequence[Tensor], *,
+                      X_pinv: Tensor | None = None, slope: float = DEFAULT_SLOPE, bias: bool = False) -> list[Tensor]:
+    """``dS/dT_i`` at ``T = 0`` of ``S(g(T) . w)`` for an *exact* inverse-form (or linearised) action, from the
+    weight gradient ``G = dS/dW`` at ``w`` (docs/mathematics.md, section 5):
+
+    ``dS/dT_i = [(G_i (h_i^+)^T) / sigma'(W_i h_i)] sigma(W_i h_i)^T - U_i^T G_{i+1}``,
+
+    ``h_i`` the input of layer ``i`` (``[h_i; 1]`` with a bias; square and invertible when the action is exact,
+    so ``h_i^+ = h_i^{-1}`` and the derivative through the later pairs' inputs cancels), ``U_i`` the first
+    ``k_i`` columns of ``W_{i+1}``. Equals autograd through :func:`metatele.symmetry.transform` (tested) without
+    differentiating a pseudo-inverse. ``X_pinv``: the pseudo-inverse of the first layer's input, if cached.
+    """
+    out, h = [], X
+    for i in range(len(weights) - 1):
+        ha = augment(h) if bias else h
+        pre = weights[i] @ ha
+        Z = leaky_relu(pre, slope)
+        G = weight_grads[i]
+        A = G @ X_pinv.mT if (i == 0 and X_pinv is not None) else torch.linalg.solve(ha, G.mT).mT
+        k = weights[i].shape[-2]
+        out.append((A / leaky_relu_grad(pre, slope)) @ Z.mT - weights[i + 1][..., :k].mT @ weight_grads[i + 1][..., :k])
+        h = Z
+    return out
+
+
 def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
                      objective: str | Callable = "grad_norm", maximize: bool = True, loss: str = "mse",
                      steps: int = 10, lr: float | None = None, rule: str | None = None,
@@ -282,48 +308,59 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
         """``(s(Wc), L(Wc))``; for the squared gradient norm both come from one forward/backward pass."""
         if fused:
             with torch.enable_grad():
-                ws = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in Wc)
+                ws, wrt = partial_inputs(Wc)
                 Lc = f_loss(ws, X, Y, slope=slope, bias=bias)
-                grads = torch.autograd.grad(Lc.sum(), ws, create_graph=create_graph)
+                grads = torch.autograd.grad(Lc.sum(), wrt, create_graph=create_graph)
             return sum(g.pow(2).sum(dim=(-2, -1)) for g in grads), Lc
         sc = obj(Wc, X, Y)
         with torch.no_grad():
             Lc = f_loss(tuple(w.detach() for w in Wc), X, Y, slope=slope, bias=bias)
         return sc, Lc
 
+    # exact action (every pair input [h; 1] square and invertible): transform(W, I) = W, h^+ = h^{-1}, and dS/dT
+    # has a closed form in the weight gradient (docs/mathematics.md, section 5), so no autograd through the action
+    analytic = ex.verdict == "exact" and action in ("inverse", "linearised")
+    square = ex.verdict == "exact"
+
     def evaluate(Wc: Sequence[Tensor], need_grad: bool):
         """Objective and loss at ``Wc`` and, if ``need_grad``, ``dS/dT`` at ``T = 0`` for every hidden layer."""
         if not need_grad:
             sc, Lc = objective_and_loss(Wc, create_graph=False)
             return sc.detach(), Lc.detach(), None
+        if analytic:
+            with torch.enable_grad():
+                ws = tuple(w.detach().requires_grad_() for w in Wc)
+                sc, Lc = objective_and_loss(ws, create_graph=True)
+                GW = torch.autograd.grad(sc.sum(), ws, allow_unused=True)
+            with torch.no_grad():
+                GW = [torch.zeros_like(w) if gw is None else gw for gw, w in zip(GW, ws)]
+                return sc.detach(), Lc.detach(), exact_action_grad(Wc, X, GW, X_pinv=X_pinv, slope=slope, bias=bias)
         with torch.enable_grad():
             Ts = [torch.zeros(*lead, k, k, dtype=dt, device=dev, requires_grad=True) for k in widths]
             gW = transform(Wc, X, _elements(Ts, action, param), action=action, slope=slope, bias=bias,
-                           X_pinv=X_pinv, validate=False)
+                           X_pinv=X_pinv, validate=False, square_solve=square)
             sc, Lc = objective_and_loss(gW, create_graph=True)
             dTs = torch.autograd.grad(sc.sum(), Ts, allow_unused=True)
         dTs = [torch.zeros_like(T) if d is None else d for d, T in zip(dTs, Ts)]
         return sc.detach(), Lc.detach(), dTs
 
-    with torch.no_grad():
-        loss_before = f_loss(W, X, Y, slope=slope, bias=bias)
     steps_taken = torch.zeros(lead, dtype=torch.long, device=dev)
     capped = torch.zeros(lead, dtype=torch.bool, device=dev)
     stopped = torch.zeros(lead, dtype=torch.bool, device=dev)
     rejected = {k: torch.zeros(lead, dtype=torch.long, device=dev) for k in REJECT_REASONS}
     radius = torch.full(lead, float(lr), dtype=dt, device=dev)
     G = [torch.eye(k, dtype=dt, device=dev).expand(*lead, k, k).clone() for k in widths]
-    cond = [torch.ones(lead, dtype=torch.float64, device=dev) for _ in widths]
-    s_cur, _, d_cur = evaluate(W, need_grad=steps > 0)
+    # an upper bound on cond(G) per layer; the singular values are computed only when it passes max_cond
+    cond_bound = [torch.ones(lead, dtype=torch.float64, device=dev) for _ in widths]
+    s_cur, L_cur, d_cur = evaluate(W, need_grad=steps > 0)
     if ex.verdict != "exact" and steps > 0:
         # s_cur is the objective of transform(W, I), which for a non-exact action is a projection of W (and
         # transform(W', I) = W' for every W' = transform(W, g)); the report and the line search compare with
-        # the objective of the weights themselves
-        obj_before, _, _ = evaluate(W, need_grad=False)
-        s_cur = obj_before
-    else:
-        obj_before = s_cur
+        # the objective and loss of the weights themselves
+        s_cur, L_cur, _ = evaluate(W, need_grad=False)
+    obj_before, loss_before = s_cur, L_cur
     L_ref = loss_before.abs() + tiny
+    lim = tol * L_ref
     for it in range(steps):
         if cap is not None:
             capped |= (s_cur >= cap) if maximize else (s_cur <= cap)
@@ -335,71 +372,80 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
             break
         with torch.no_grad():
             if rule == "normalized":
-                scale = sign * radius / gnorm.clamp_min(tiny)
+                scale = torch.where(active, sign * radius / gnorm.clamp_min(tiny), 0.0)
                 Ts = [d * scale.reshape(*lead, 1, 1) for d in d_cur]
             else:
                 Ts = [sign * lr * d for d in d_cur]
                 if max_step_norm is not None:
                     Ts = [t * (max_step_norm / torch.linalg.matrix_norm(t).clamp_min(max_step_norm))
                           .unsqueeze(-1).unsqueeze(-1) for t in Ts]
-            Ts = [_where(active, t, torch.zeros_like(t)) for t in Ts]
+                Ts = [_where(active, t, torch.zeros_like(t)) for t in Ts]
             elems = _elements(Ts, action, param)
             mats = [_as_matrix(e, action) for e in elems]
-            finite_g = active.clone()
-            for m in mats:
-                finite_g &= torch.isfinite(m).reshape(*lead, -1).all(-1)
-            G_new = [_where(finite_g, m @ g, g) for m, g in zip(mats, G)]
-            cond_new = []
+            tn = [torch.linalg.matrix_norm(t).double() for t in Ts]  # ||T||_F >= ||T||_2
+            finite_g = active & torch.isfinite(sum(tn))
+            G_new = [m @ g for m, g in zip(mats, G)]
             well = finite_g.clone()
-            for Gn in G_new:
-                sv = torch.linalg.svdvals(Gn.double())
-                c = sv[..., 0] / sv[..., -1]
-                cond_new.append(c)
-                well &= c <= max_cond  # NaN (0/0) fails too
-            ok = active & finite_g & well
-            safe = [_where(ok, e, torch.zeros_like(e) if action == "linearised" else identity_like(e))
+            bound_new = []
+            for j, (Gn, t) in enumerate(zip(G_new, tn)):
+                # cond(g) <= (1 + ||T||)/(1 - ||T||) for g = I + T (||T|| < 1), exp(2 ||T||) for g = exp(T)
+                step_bound = (2 * t).exp() if param == "exp" and action != "linearised" else \
+                    torch.where(t < 1, (1 + t) / (1 - t).clamp_min(1e-300), math.inf)
+                b = cond_bound[j] * step_bound
+                if not bool((b[finite_g] <= max_cond).all()):
+                    sv = torch.linalg.svdvals(torch.nan_to_num(Gn).double())
+                    b = torch.minimum(b, sv[..., 0] / sv[..., -1])
+                well &= b <= max_cond  # NaN (0/0) fails too
+                bound_new.append(b)
+            safe = [_where(well, e, torch.zeros_like(e) if action == "linearised" else identity_like(e))
                     for e in elems]
-            W_new = transform(W, X, safe, action=action, slope=slope, bias=bias, X_pinv=X_pinv, validate=False)
+            W_new = transform(W, X, safe, action=action, slope=slope, bias=bias, X_pinv=X_pinv, validate=False,
+                              square_solve=square)
         s_new, L_new, d_new = evaluate(W_new, need_grad=it + 1 < steps)
         with torch.no_grad():
-            vals = _finite_per_init(W_new, n_lead) & torch.isfinite(s_new) & torch.isfinite(L_new)
+            # a non-finite weight reaches the loss through the forward pass (inf * 0 is NaN); the sums catch the rest
+            vals = torch.isfinite(s_new + L_new + sum(w.sum(dim=(-2, -1)) for w in W_new))
             dL = L_new - loss_before
-            loss_ok = (dL.abs() if ex.loss_preserving else dL) <= tol * L_ref
-            obj_ok = sign * (s_new - s_cur) > 0 if rule == "normalized" else torch.ones_like(active)
+            loss_ok = (dL.abs() if ex.loss_preserving else dL) <= lim
             # one reason per rejected step, in this order
             rejected["non_finite"] += (active & (~finite_g | (well & ~vals))).long()
-            rejected["ill_conditioned"] += (active & finite_g & ~well).long()
-            rejected["loss"] += (active & well & vals & ~loss_ok).long()
-            rejected["objective"] += (active & well & vals & loss_ok & ~obj_ok).long()
-            good = active & well & vals & loss_ok & obj_ok
-            bad = active & ~good
+            rejected["ill_conditioned"] += (finite_g & ~well).long()
+            ok = well & vals & loss_ok
+            rejected["loss"] += (well & vals & ~loss_ok).long()
             if rule == "normalized":
+                gain = sign * (s_new - s_cur)
+                obj_ok = gain > 0
+                rejected["objective"] += (ok & ~obj_ok).long()
+                good = ok & obj_ok
+                bad = active & ~good
                 # backtracking: after a step that did not improve the objective, the maximiser of the parabola
                 # through s(0), its slope ||dS/dT|| and s(r); after any other rejection r / 2; both clamped
                 # to [r / 10, r / 2]. An accepted step doubles r again, up to lr.
-                gain = sign * (s_new - s_cur)
                 curv = (gnorm * radius - gain).clamp_min(tiny)
                 t_star = torch.nan_to_num(gnorm * radius * radius / (2 * curv), nan=0.0)
-                shrink = torch.where(vals & loss_ok & well & ~obj_ok,
-                                     torch.minimum(torch.maximum(t_star, radius * 0.1), radius * 0.5), radius * 0.5)
+                shrink = torch.where(ok, torch.minimum(torch.maximum(t_star, radius * 0.1), radius * 0.5),
+                                     radius * 0.5)
                 radius = torch.where(bad, shrink, torch.where(good, (radius * 2).clamp_max(float(lr)), radius))
             else:
-                stopped |= bad
+                good = ok
+                stopped |= active & ~good
             W = tuple(_where(good, a, b) for a, b in zip(W_new, W))
             G = [_where(good, a, b) for a, b in zip(G_new, G)]
-            cond = [torch.where(good, c, c0) for c, c0 in zip(cond_new, cond)]
+            cond_bound = [torch.where(good, c, c0) for c, c0 in zip(bound_new, cond_bound)]
             s_cur = torch.where(good, s_new, s_cur)
+            L_cur = torch.where(good, L_new, L_cur)
             if d_new is not None:
                 d_cur = [_where(good, a, b) for a, b in zip(d_new, d_cur)]
             steps_taken += good.long()
 
     with torch.no_grad():
-        loss_after = f_loss(W, X, Y, slope=slope, bias=bias)
-    if steps == 0:
-        obj_after, _, _ = evaluate(W, need_grad=False)
-        obj_before = obj_after
-    else:  # s_cur is the objective of the last accepted weights
+        # the loss of the weights themselves (evaluated at transform(W, I) = W in the loop)
+        loss_after = L_cur if analytic else f_loss(W, X, Y, slope=slope, bias=bias)
         obj_after = torch.where(steps_taken > 0, s_cur, obj_before)
+        cond = []
+        for Gj in G:
+            sv = torch.linalg.svdvals(Gj.double())
+            cond.append(sv[..., 0] / sv[..., -1])
     rolled_back = sum(v for v in rejected.values()) > 0
     report = TeleportReport(loss_before, loss_after, obj_before, obj_after, steps_taken, capped, rolled_back,
                             ex, G, rejected, rule, tol, float(max_cond), cond,

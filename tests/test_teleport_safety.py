@@ -209,3 +209,42 @@ def test_teleport_weights_validation():
         teleport_weights(W, X, Y, rule="adam")
     with pytest.raises(ValueError, match="Y has class labels"):
         teleport_weights(W, X, torch.full((1, 20), 20), loss="ce")
+
+
+@pytest.mark.parametrize("bias,action,param", [(False, "inverse", "I+T"), (True, "inverse", "exp"),
+                                              (False, "linearised", "I+T")])
+def test_closed_form_action_gradient_equals_autograd(bias, action, param):
+    """The closed-form dS/dT of an exact action (speed: no autograd through the pseudo-inverses) equals
+    autograd through the action."""
+    from metatele.nets import init_linear
+    from metatele.objectives import grad_norm_sq
+    from metatele.symmetry import group_element, transform
+    from metatele.teleport import exact_action_grad
+
+    from metatele.symmetry import exactness
+
+    g = torch.Generator().manual_seed(0)
+    W = init_linear([6, 6, 6, 3], g, bias=bias, dtype=torch.float64)
+    b = 6 + bias  # [X; 1] and [h; 1] are square
+    X, Y = torch.randn(6, b, generator=g, dtype=torch.float64), torch.randn(3, b, generator=g, dtype=torch.float64)
+    assert exactness(W, X, bias=bias).verdict == "exact"
+    Ts = [torch.zeros(w.shape[-2], w.shape[-2], dtype=torch.float64, requires_grad=True) for w in W[:-1]]
+    elems = Ts if action == "linearised" else [group_element(T, param) for T in Ts]
+    s = grad_norm_sq(transform(W, X, elems, action=action, bias=bias), X, Y, bias=bias)
+    ref = torch.autograd.grad(s, Ts)
+    ws = tuple(w.clone().requires_grad_() for w in W)
+    GW = torch.autograd.grad(grad_norm_sq(ws, X, Y, bias=bias), ws)
+    got = exact_action_grad(W, X, GW, bias=bias)
+    for a, c in zip(got, ref):
+        torch.testing.assert_close(a, c, rtol=1e-7, atol=1e-9)
+    # and both equal finite differences (before grad_norm_sq took partial derivatives, autograd through the
+    # action of a net with two hidden layers gave total ones: dS/dT_1 had the wrong sign here)
+    E = torch.zeros(6, 6, dtype=torch.float64)
+    E[2, 3] = 1.0
+    eye = torch.eye(6, dtype=torch.float64)
+
+    def s_at(t):
+        el = [torch.zeros_like(eye), t * E] if action == "linearised" else [eye, group_element(t * E, param)]
+        return float(grad_norm_sq(transform(W, X, el, action=action, bias=bias), X, Y, bias=bias).detach())
+    fd = (s_at(1e-6) - s_at(-1e-6)) / 2e-6
+    assert fd == pytest.approx(float(got[1][2, 3]), rel=1e-5, abs=1e-7)

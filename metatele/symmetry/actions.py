@@ -60,19 +60,30 @@ def _check_slope(slope: float, action: str) -> None:
         raise ValueError(f"the {action!r} action needs an invertible LeakyReLU (slope > 0), got slope {slope}")
 
 
+def _times_pinv(A: Tensor, ha: Tensor, h_pinv: Tensor | None, square_solve: bool) -> Tensor:
+    """``A ha^+``: with the given ``h_pinv``; by a solve when ``square_solve`` and ``ha`` is square (then
+    ``ha^+ = ha^{-1}``; an LU factorisation instead of an SVD); else with ``torch.linalg.pinv``."""
+    if h_pinv is not None:
+        return A @ h_pinv
+    if square_solve and ha.shape[-1] == ha.shape[-2]:
+        return torch.linalg.solve(ha, A, left=False)
+    return A @ torch.linalg.pinv(ha)
+
+
 def inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: float = DEFAULT_SLOPE,
-                 bias: bool = False, h_pinv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 bias: bool = False, h_pinv: Tensor | None = None,
+                 square_solve: bool = False) -> tuple[Tensor, Tensor]:
     """P1 eq. 8: ``U -> U g^{-1}``, ``V -> sigma^{-1}(g sigma(V h)) h^+``.
 
     Exact on the batch ``h`` when ``[h; 1]`` has full column rank (``b <= n``). ``g^{-1}`` is applied with
     ``torch.linalg.solve``. ``h_pinv`` (the pseudo-inverse of ``h``, or of ``[h; 1]`` with bias) may be
-    passed to avoid recomputing it. Returns ``(U', V')``.
+    passed to avoid recomputing it; ``square_solve=True`` applies ``h^{-1}`` by a solve when ``[h; 1]`` is square
+    (the exact case ``b = n``). Returns ``(U', V')``.
     """
     _check_slope(slope, "inverse")
     ha = augment(h) if bias else h
     Z = leaky_relu(V @ ha, slope)
-    hp = torch.linalg.pinv(ha) if h_pinv is None else h_pinv
-    V_new = leaky_relu_inv(g @ Z, slope) @ hp
+    V_new = _times_pinv(leaky_relu_inv(g @ Z, slope), ha, h_pinv, square_solve)
     Uw, Ub = _split_u(U, g.shape[-1])
     Uw_new = torch.linalg.solve(g, Uw, left=False)  # U g^{-1}
     return _join_u(Uw_new, Ub), V_new
@@ -90,7 +101,8 @@ def pseudo_inverse_form(U: Tensor, V: Tensor, h: Tensor, g: Tensor, *, slope: fl
 
 
 def linearised_form(U: Tensor, V: Tensor, h: Tensor, T: Tensor, *, slope: float = DEFAULT_SLOPE,
-                    bias: bool = False, h_pinv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    bias: bool = False, h_pinv: Tensor | None = None,
+                    square_solve: bool = False) -> tuple[Tensor, Tensor]:
     """P2's learned-teleport action with ``g = I + T``: ``U -> U (I - T)``, ``V -> sigma^{-1}((I+T) sigma(V h)) h^+``.
 
     A named approximation: ``(I + T)^{-1} = I - T + O(||T||^2)``, so the loss changes at second order.
@@ -98,8 +110,7 @@ def linearised_form(U: Tensor, V: Tensor, h: Tensor, T: Tensor, *, slope: float 
     _check_slope(slope, "linearised")
     ha = augment(h) if bias else h
     eye = identity_like(T)
-    hp = torch.linalg.pinv(ha) if h_pinv is None else h_pinv
-    V_new = leaky_relu_inv((eye + T) @ leaky_relu(V @ ha, slope), slope) @ hp
+    V_new = _times_pinv(leaky_relu_inv((eye + T) @ leaky_relu(V @ ha, slope), slope), ha, h_pinv, square_solve)
     Uw, Ub = _split_u(U, T.shape[-1])
     return _join_u(Uw @ (eye - T), Ub), V_new
 
@@ -115,7 +126,8 @@ def linear_form(U: Tensor, V: Tensor, g: Tensor, *, slope: float = 1.0) -> tuple
 
 def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | None], *,
               action: str = "inverse", slope: float = DEFAULT_SLOPE, bias: bool = False,
-              X_pinv: Tensor | None = None, validate: bool = True) -> tuple[Tensor, ...]:
+              X_pinv: Tensor | None = None, validate: bool = True,
+              square_solve: bool = False) -> tuple[Tensor, ...]:
     """Apply one group element per hidden layer to a whole network, layer pairs in order.
 
     ``weights``: ``(W_0, ..., W_L)``, ``W_i (..., out_i, in_i[+1])``; ``X (..., d_in, b)``.
@@ -124,6 +136,8 @@ def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | 
     ``X_pinv``: optional cached pseudo-inverse of ``X`` (or ``[X; 1]``) for the first pair.
     ``validate``: check every element is finite and (except for ``linearised``) invertible, raising
     ``ValueError`` otherwise; hot loops that build their elements themselves may pass ``False``.
+    ``square_solve``: apply ``h^+`` of a square pair input as ``h^{-1}`` by a solve (``inverse``,
+    ``linearised``); for callers that know the action is exact (:func:`exactness`).
     The input of pair ``i`` is recomputed from the already transformed ``W_0, ..., W_{i-1}``.
     """
     if action not in ACTIONS:
@@ -146,11 +160,13 @@ def transform(weights: Sequence[Tensor], X: Tensor, elements: Sequence[Tensor | 
                     check_group_element(e)
             hp = X_pinv if i == 0 else None
             if action == "inverse":
-                W[i + 1], W[i] = inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp)
+                W[i + 1], W[i] = inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp,
+                                              square_solve=square_solve)
             elif action == "pseudo_inverse":
                 W[i + 1], W[i] = pseudo_inverse_form(W[i + 1], W[i], h, e, slope=slope, bias=bias)
             elif action == "linearised":
-                W[i + 1], W[i] = linearised_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp)
+                W[i + 1], W[i] = linearised_form(W[i + 1], W[i], h, e, slope=slope, bias=bias, h_pinv=hp,
+                                                 square_solve=square_solve)
             else:
                 W[i + 1], W[i] = linear_form(W[i + 1], W[i], e, slope=slope)
         if i + 1 < len(elements):
