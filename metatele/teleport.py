@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nets import (DEFAULT_SLOPE, augment, check_weights, from_sequential, leaky_relu, leaky_relu_grad, loss_fn,
+from .nets import (DEFAULT_SLOPE, augment, ce_loss_from_logits, check_weights, from_sequential, leaky_relu, loss_fn,
                    to_sequential)
 from .objectives import make_objective, partial_inputs
 from .symmetry.actions import ACTIONS, Exactness, exactness, transform
@@ -194,6 +194,23 @@ def check_teleport_data(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None, 
         raise ValueError(f"unknown loss {loss!r}; allowed: 'mse', 'ce'")
 
 
+def _fast_loss(loss: str, slope: float, bias: bool) -> Callable:
+    """``metatele.nets``' loss with ``torch.nn.functional.leaky_relu`` (one fused op with a fused backward; the
+    same values, and the same derivatives except exactly at 0): the inner loop of a teleport differentiates it
+    twice per step."""
+    f = torch.nn.functional.leaky_relu
+
+    def out(ws, X):
+        h = X
+        for w in ws[:-1]:
+            h = f(w @ (augment(h) if bias else h), slope)
+        return ws[-1] @ (augment(h) if bias else h)
+
+    if loss == "mse":
+        return lambda ws, X, Y: 0.5 * (Y - out(ws, X)).pow(2).sum(dim=(-2, -1))
+    return lambda ws, X, Y: ce_loss_from_logits(out(ws, X), Y)
+
+
 def exact_action_grad(weights: Sequence[Tensor], X: Tensor, weight_grads: Sequence[Tensor], *,
                       X_pinv: Tensor | None = None, slope: float = DEFAULT_SLOPE, bias: bool = False) -> list[Tensor]:
     """``dS/dT_i`` at ``T = 0`` of ``S(g(T) . w)`` for an *exact* inverse-form (or linearised) action, from the
@@ -214,9 +231,71 @@ def exact_action_grad(weights: Sequence[Tensor], X: Tensor, weight_grads: Sequen
         G = weight_grads[i]
         A = G @ X_pinv.mT if (i == 0 and X_pinv is not None) else torch.linalg.solve(ha, G.mT).mT
         k = weights[i].shape[-2]
-        out.append((A / leaky_relu_grad(pre, slope)) @ Z.mT - weights[i + 1][..., :k].mT @ weight_grads[i + 1][..., :k])
+        A = torch.where(pre >= 0, A, A / slope)  # A / sigma'(W_i h_i)
+        out.append(A @ Z.mT - weights[i + 1][..., :k].mT @ weight_grads[i + 1][..., :k])
         h = Z
     return out
+
+
+def _teleport_loop_one(W, G, s_cur, L_cur, d_cur, loss_before, *, steps, rule, lr, sign, cap, maximize,
+                       max_step_norm, max_cond, tol, tiny, loss_preserving, action, param, evaluate, step_bound, conds,
+                       shrunk, apply):
+    """The step loop of :func:`teleport_weights` for one network (no leading dimensions), with the guards and
+    the backtracking in Python numbers. Same rules as the batched loop (tested to agree)."""
+    s_f, L0 = float(s_cur), float(loss_before)
+    lim = tol * (abs(L0) + tiny)
+    rej = dict.fromkeys(REJECT_REASONS, 0)
+    r, taken, was_capped, bound = lr, 0, False, 1.0
+    for it in range(steps):
+        if cap is not None and (s_f >= cap if maximize else s_f <= cap):
+            was_capped = True
+            break
+        with torch.no_grad():
+            if rule == "normalized":
+                gn = math.sqrt(float(sum(d.pow(2).sum() for d in d_cur)))
+                if gn == 0:
+                    break  # stationary point: nothing to do
+                Ts = [d * (sign * r / gn) for d in d_cur]
+                tmax = r
+            else:
+                Ts = [sign * lr * d for d in d_cur]
+                if max_step_norm is not None:
+                    Ts = [t * (max_step_norm / torch.linalg.matrix_norm(t).clamp_min(max_step_norm)) for t in Ts]
+                tmax = max(float(torch.linalg.matrix_norm(t)) for t in Ts)
+            elems = _elements(Ts, action, param)
+            G_new = [_as_matrix(e, action) @ g for e, g in zip(elems, G)]
+            b_new = bound * step_bound(tmax) if math.isfinite(tmax) else math.nan
+            reason = None
+            if not math.isfinite(tmax):
+                reason = "non_finite"
+            elif not b_new <= max_cond:
+                b_new = max(float(c) for c in conds(G_new))
+                if not b_new <= max_cond:
+                    reason = "ill_conditioned"
+            if reason is None:
+                W_new = apply(W, elems)
+        if reason is None:
+            s_new, L_new, d_new = evaluate(W_new, need_grad=it + 1 < steps)
+            s_nf, L_nf = float(s_new), float(L_new)
+            gain = sign * (s_nf - s_f)
+            if not (math.isfinite(s_nf + L_nf) and math.isfinite(float(sum(w.sum() for w in W_new)))):
+                reason = "non_finite"
+            elif not ((abs(L_nf - L0) if loss_preserving else L_nf - L0) <= lim):
+                reason = "loss"
+            elif rule == "normalized" and not gain > 0:
+                reason = "objective"
+        if reason is None:
+            W, G, bound, s_f, s_cur, L_cur = W_new, G_new, b_new, s_nf, s_new, L_new
+            if d_new is not None:
+                d_cur = d_new
+            taken += 1
+            r = min(2 * r, lr)
+            continue
+        rej[reason] += 1
+        if rule != "normalized":
+            break  # the raw rule stops at the first rejected step
+        r = shrunk(r, gn, gain if reason == "objective" else 0.0, reason == "objective")
+    return W, G, s_cur, L_cur, d_cur, rej, r, taken, was_capped, bound
 
 
 def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
@@ -293,6 +372,7 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
                          f"batch no larger than the widths, or require_exact=False")
     f_loss = loss_fn(loss)
     fused = objective == "grad_norm" and not objective_kwargs
+    f_loss_fast = _fast_loss(loss, slope, bias)
     obj = None if fused else make_objective(objective, loss=loss, slope=slope, bias=bias, generator=generator,
                                             **(objective_kwargs or {}))
     n_lead = weights[-1].dim() - 2
@@ -309,7 +389,7 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
         if fused:
             with torch.enable_grad():
                 ws, wrt = partial_inputs(Wc)
-                Lc = f_loss(ws, X, Y, slope=slope, bias=bias)
+                Lc = f_loss_fast(ws, X, Y)
                 grads = torch.autograd.grad(Lc.sum(), wrt, create_graph=create_graph)
             return sum(g.pow(2).sum(dim=(-2, -1)) for g in grads), Lc
         sc = obj(Wc, X, Y)
@@ -344,14 +424,7 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
         dTs = [torch.zeros_like(T) if d is None else d for d, T in zip(dTs, Ts)]
         return sc.detach(), Lc.detach(), dTs
 
-    steps_taken = torch.zeros(lead, dtype=torch.long, device=dev)
-    capped = torch.zeros(lead, dtype=torch.bool, device=dev)
-    stopped = torch.zeros(lead, dtype=torch.bool, device=dev)
-    rejected = {k: torch.zeros(lead, dtype=torch.long, device=dev) for k in REJECT_REASONS}
-    radius = torch.full(lead, float(lr), dtype=dt, device=dev)
     G = [torch.eye(k, dtype=dt, device=dev).expand(*lead, k, k).clone() for k in widths]
-    # an upper bound on cond(G) per layer; the singular values are computed only when it passes max_cond
-    cond_bound = [torch.ones(lead, dtype=torch.float64, device=dev) for _ in widths]
     s_cur, L_cur, d_cur = evaluate(W, need_grad=steps > 0)
     if ex.verdict != "exact" and steps > 0:
         # s_cur is the objective of transform(W, I), which for a non-exact action is a projection of W (and
@@ -359,93 +432,122 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
         # the objective and loss of the weights themselves
         s_cur, L_cur, _ = evaluate(W, need_grad=False)
     obj_before, loss_before = s_cur, L_cur
-    L_ref = loss_before.abs() + tiny
-    lim = tol * L_ref
-    for it in range(steps):
-        if cap is not None:
-            capped |= (s_cur >= cap) if maximize else (s_cur <= cap)
-        active = ~capped & ~stopped
-        if rule == "normalized":
-            gnorm = torch.sqrt(sum(d.pow(2).sum(dim=(-2, -1)) for d in d_cur))
-            active &= (gnorm > 0) | gnorm.isnan()  # stationary point: nothing to do (NaN: rejected below)
-        if not bool(active.any()):
-            break
-        with torch.no_grad():
+
+    def step_bound(t: float) -> float:
+        """Upper bound on cond(g) for a step with ||T||_F <= t (>= ||T||_2): (1 + t) / (1 - t) for g = I + T,
+        exp(2 t) for g = exp(T)."""
+        if param == "exp" and action != "linearised":
+            return math.exp(min(2 * t, 700.0))
+        return (1 + t) / (1 - t) if t < 1 else math.inf
+
+    def conds(Gs: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for Gj in Gs:
+            sv = torch.linalg.svdvals(torch.nan_to_num(Gj).double())
+            out.append(torch.nan_to_num(sv[..., 0] / sv[..., -1], nan=math.inf))
+        return out
+
+    def shrunk(r, gn, gain, improved_only):
+        """Backtracking: after a step that passed the guards but did not improve the objective, the maximiser
+        of the parabola through s(0), its slope ||dS/dT|| and s(r); after any other rejection r / 2; both
+        clamped to [r / 10, r / 2]."""
+        if not improved_only:
+            return r * 0.5
+        t_star = gn * r * r / (2 * max(gn * r - gain, tiny))
+        return min(max(t_star if math.isfinite(t_star) else 0.0, r * 0.1), r * 0.5)
+
+    if n_lead == 0:
+        # one network: the bookkeeping in Python numbers (a handful of tensor ops per step instead of ~100)
+        W, G, s_cur, L_cur, d_cur, rej, r, taken, was_capped, bound = _teleport_loop_one(
+            W, G, s_cur, L_cur, d_cur, loss_before, steps=steps, rule=rule, lr=float(lr), sign=sign, cap=cap,
+            maximize=maximize, max_step_norm=max_step_norm, max_cond=max_cond, tol=tol, tiny=tiny,
+            loss_preserving=ex.loss_preserving, action=action, param=param, evaluate=evaluate,
+            step_bound=step_bound, conds=conds, shrunk=shrunk,
+            apply=lambda Wc, elems: transform(Wc, X, elems, action=action, slope=slope, bias=bias, X_pinv=X_pinv,
+                                              validate=False, square_solve=square))
+        steps_taken = torch.tensor(taken, device=dev)
+        capped = torch.tensor(was_capped, device=dev)
+        rejected = {k: torch.tensor(v, device=dev) for k, v in rej.items()}
+        radius = torch.tensor(r, dtype=dt, device=dev)
+    else:
+        steps_taken = torch.zeros(lead, dtype=torch.long, device=dev)
+        capped = torch.zeros(lead, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(lead, dtype=torch.bool, device=dev)
+        rejected = {k: torch.zeros(lead, dtype=torch.long, device=dev) for k in REJECT_REASONS}
+        radius = torch.full(lead, float(lr), dtype=dt, device=dev)
+        lim = tol * (loss_before.abs() + tiny)
+        bound = 1.0  # worst case over the initialisations and steps; singular values only once it passes max_cond
+        for it in range(steps):
+            if cap is not None:
+                capped |= (s_cur >= cap) if maximize else (s_cur <= cap)
+            active = ~capped & ~stopped
             if rule == "normalized":
-                scale = torch.where(active, sign * radius / gnorm.clamp_min(tiny), 0.0)
-                Ts = [d * scale.reshape(*lead, 1, 1) for d in d_cur]
-            else:
-                Ts = [sign * lr * d for d in d_cur]
-                if max_step_norm is not None:
-                    Ts = [t * (max_step_norm / torch.linalg.matrix_norm(t).clamp_min(max_step_norm))
-                          .unsqueeze(-1).unsqueeze(-1) for t in Ts]
-                Ts = [_where(active, t, torch.zeros_like(t)) for t in Ts]
-            elems = _elements(Ts, action, param)
-            mats = [_as_matrix(e, action) for e in elems]
-            tn = [torch.linalg.matrix_norm(t).double() for t in Ts]  # ||T||_F >= ||T||_2
-            finite_g = active & torch.isfinite(sum(tn))
-            G_new = [m @ g for m, g in zip(mats, G)]
-            well = finite_g.clone()
-            bound_new = []
-            for j, (Gn, t) in enumerate(zip(G_new, tn)):
-                # cond(g) <= (1 + ||T||)/(1 - ||T||) for g = I + T (||T|| < 1), exp(2 ||T||) for g = exp(T)
-                step_bound = (2 * t).exp() if param == "exp" and action != "linearised" else \
-                    torch.where(t < 1, (1 + t) / (1 - t).clamp_min(1e-300), math.inf)
-                b = cond_bound[j] * step_bound
-                if not bool((b[finite_g] <= max_cond).all()):
-                    sv = torch.linalg.svdvals(torch.nan_to_num(Gn).double())
-                    b = torch.minimum(b, sv[..., 0] / sv[..., -1])
-                well &= b <= max_cond  # NaN (0/0) fails too
-                bound_new.append(b)
-            safe = [_where(well, e, torch.zeros_like(e) if action == "linearised" else identity_like(e))
-                    for e in elems]
-            W_new = transform(W, X, safe, action=action, slope=slope, bias=bias, X_pinv=X_pinv, validate=False,
-                              square_solve=square)
-        s_new, L_new, d_new = evaluate(W_new, need_grad=it + 1 < steps)
-        with torch.no_grad():
-            # a non-finite weight reaches the loss through the forward pass (inf * 0 is NaN); the sums catch the rest
-            vals = torch.isfinite(s_new + L_new + sum(w.sum(dim=(-2, -1)) for w in W_new))
-            dL = L_new - loss_before
-            loss_ok = (dL.abs() if ex.loss_preserving else dL) <= lim
-            # one reason per rejected step, in this order
-            rejected["non_finite"] += (active & (~finite_g | (well & ~vals))).long()
-            rejected["ill_conditioned"] += (finite_g & ~well).long()
-            ok = well & vals & loss_ok
-            rejected["loss"] += (well & vals & ~loss_ok).long()
-            if rule == "normalized":
-                gain = sign * (s_new - s_cur)
-                obj_ok = gain > 0
-                rejected["objective"] += (ok & ~obj_ok).long()
-                good = ok & obj_ok
-                bad = active & ~good
-                # backtracking: after a step that did not improve the objective, the maximiser of the parabola
-                # through s(0), its slope ||dS/dT|| and s(r); after any other rejection r / 2; both clamped
-                # to [r / 10, r / 2]. An accepted step doubles r again, up to lr.
-                curv = (gnorm * radius - gain).clamp_min(tiny)
-                t_star = torch.nan_to_num(gnorm * radius * radius / (2 * curv), nan=0.0)
-                shrink = torch.where(ok, torch.minimum(torch.maximum(t_star, radius * 0.1), radius * 0.5),
-                                     radius * 0.5)
-                radius = torch.where(bad, shrink, torch.where(good, (radius * 2).clamp_max(float(lr)), radius))
-            else:
-                good = ok
-                stopped |= active & ~good
-            W = tuple(_where(good, a, b) for a, b in zip(W_new, W))
-            G = [_where(good, a, b) for a, b in zip(G_new, G)]
-            cond_bound = [torch.where(good, c, c0) for c, c0 in zip(bound_new, cond_bound)]
-            s_cur = torch.where(good, s_new, s_cur)
-            L_cur = torch.where(good, L_new, L_cur)
-            if d_new is not None:
-                d_cur = [_where(good, a, b) for a, b in zip(d_new, d_cur)]
-            steps_taken += good.long()
+                gnorm = torch.sqrt(sum(d.pow(2).sum(dim=(-2, -1)) for d in d_cur))
+                active &= (gnorm > 0) | gnorm.isnan()  # stationary point: nothing to do (NaN: rejected below)
+            if not bool(active.any()):
+                break
+            with torch.no_grad():
+                if rule == "normalized":
+                    scale = torch.where(active, sign * radius / gnorm.clamp_min(tiny), 0.0)
+                    Ts = [d * scale.reshape(*lead, 1, 1) for d in d_cur]
+                    tmax = float(lr)
+                else:
+                    Ts = [sign * lr * d for d in d_cur]
+                    if max_step_norm is not None:
+                        Ts = [t * (max_step_norm / torch.linalg.matrix_norm(t).clamp_min(max_step_norm))
+                              .unsqueeze(-1).unsqueeze(-1) for t in Ts]
+                    Ts = [_where(active, t, torch.zeros_like(t)) for t in Ts]
+                    tmax = float(max(torch.nan_to_num(torch.linalg.matrix_norm(t), nan=math.inf).max() for t in Ts))
+                elems = _elements(Ts, action, param)
+                G_new = [_as_matrix(e, action) @ g for e, g in zip(elems, G)]
+                bound *= step_bound(tmax)
+                well = active.clone()
+                if not bound <= max_cond:
+                    for c in conds(G_new):
+                        well &= c <= max_cond
+                safe = [_where(well, e, torch.zeros_like(e) if action == "linearised" else identity_like(e))
+                        for e in elems]
+                W_new = transform(W, X, safe, action=action, slope=slope, bias=bias, X_pinv=X_pinv,
+                                  validate=False, square_solve=square)
+            s_new, L_new, d_new = evaluate(W_new, need_grad=it + 1 < steps)
+            with torch.no_grad():
+                # a non-finite weight reaches the loss through the forward pass (inf * 0 is NaN); the sums catch
+                # the rest (a non-finite group element makes the weights non-finite)
+                vals = torch.isfinite(s_new + L_new + sum(w.sum(dim=(-2, -1)) for w in W_new))
+                dL = L_new - loss_before
+                loss_ok = (dL.abs() if ex.loss_preserving else dL) <= lim
+                # one reason per rejected step, in this order
+                rejected["ill_conditioned"] += (active & ~well).long()
+                rejected["non_finite"] += (well & ~vals).long()
+                ok = well & vals & loss_ok
+                rejected["loss"] += (well & vals & ~loss_ok).long()
+                if rule == "normalized":
+                    gain = sign * (s_new - s_cur)
+                    obj_ok = gain > 0
+                    rejected["objective"] += (ok & ~obj_ok).long()
+                    good = ok & obj_ok
+                    bad = active & ~good
+                    curv = (gnorm * radius - gain).clamp_min(tiny)
+                    t_star = torch.nan_to_num(gnorm * radius * radius / (2 * curv), nan=0.0)
+                    shrink = torch.where(ok, torch.minimum(torch.maximum(t_star, radius * 0.1), radius * 0.5),
+                                         radius * 0.5)
+                    radius = torch.where(bad, shrink, torch.where(good, (radius * 2).clamp_max(float(lr)), radius))
+                else:
+                    good = ok
+                    stopped |= active & ~good
+                W = tuple(_where(good, a, b) for a, b in zip(W_new, W))
+                G = [_where(good, a, b) for a, b in zip(G_new, G)]
+                s_cur = torch.where(good, s_new, s_cur)
+                L_cur = torch.where(good, L_new, L_cur)
+                if d_new is not None:
+                    d_cur = [_where(good, a, b) for a, b in zip(d_new, d_cur)]
+                steps_taken += good.long()
 
     with torch.no_grad():
         # the loss of the weights themselves (evaluated at transform(W, I) = W in the loop)
         loss_after = L_cur if analytic else f_loss(W, X, Y, slope=slope, bias=bias)
         obj_after = torch.where(steps_taken > 0, s_cur, obj_before)
-        cond = []
-        for Gj in G:
-            sv = torch.linalg.svdvals(Gj.double())
-            cond.append(sv[..., 0] / sv[..., -1])
+        cond = conds(G)
     rolled_back = sum(v for v in rejected.values()) > 0
     report = TeleportReport(loss_before, loss_after, obj_before, obj_after, steps_taken, capped, rolled_back,
                             ex, G, rejected, rule, tol, float(max_cond), cond,

@@ -198,24 +198,32 @@ class Exactness:
         return self.verdict in ("exact", "projection")
 
 
-def _svd_rank(mat: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Numerical rank of ``mat`` (``torch.linalg.matrix_rank``'s default tolerance, float64) and its SVD."""
-    m64 = mat.detach().double()
-    U, S, Vh = torch.linalg.svd(m64, full_matrices=False)
+def _svd_rank(mat: Tensor, vectors: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """Numerical rank of ``mat`` at its own precision (``torch.linalg.matrix_rank``'s default tolerance,
+    ``max(m, n) * eps(dtype) * sigma_max``: the cut-off ``torch.linalg.pinv`` uses, so a verdict of full rank
+    and the pseudo-inverse the action applies agree) and, if ``vectors``, its SVD ``(U, S, Vh)``."""
+    m = mat.detach()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.double()
+    if vectors:
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+        svd = (U, S, Vh)
+    else:
+        S, svd = torch.linalg.svdvals(m), None
     if S.numel() == 0:
-        return torch.zeros(S.shape[:-1], dtype=torch.long, device=S.device), (U, S, Vh)
-    tol = S[..., :1] * (max(m64.shape[-2], m64.shape[-1]) * torch.finfo(torch.float64).eps)
-    return (S > tol).sum(-1), (U, S, Vh)
+        return torch.zeros(S.shape[:-1], dtype=torch.long, device=S.device), svd
+    tol = S[..., :1] * (max(m.shape[-2], m.shape[-1]) * torch.finfo(m.dtype).eps)
+    return (S > tol).sum(-1), svd
 
 
 def pinv_from_svd(svd: tuple[Tensor, Tensor, Tensor], dtype: torch.dtype, shape: tuple[int, int]) -> Tensor:
-    """Moore-Penrose pseudo-inverse from a float64 SVD, with ``torch.linalg.pinv``'s default cut-off for
-    ``dtype`` (singular values below ``max(m, n) * eps(dtype) * sigma_max`` are dropped), returned in ``dtype``."""
+    """Moore-Penrose pseudo-inverse from an SVD, with ``torch.linalg.pinv``'s default cut-off for ``dtype``
+    (singular values below ``max(m, n) * eps(dtype) * sigma_max`` are dropped), returned in ``dtype``."""
     U, S, Vh = svd
     if S.numel() == 0:
         return torch.zeros(*S.shape[:-1], shape[1], shape[0], dtype=dtype, device=S.device)
     cut = S[..., :1] * (max(shape) * torch.finfo(dtype).eps)
-    inv = torch.where(S > cut, 1.0 / S.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(S))
+    inv = torch.where(S > cut, 1.0 / S.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S))
     return ((Vh.mT * inv.unsqueeze(-2)) @ U.mT).to(dtype)
 
 
@@ -262,7 +270,7 @@ def exactness(weights: Sequence[Tensor], X: Tensor, *, action: str = "inverse",
         elif action == "inverse":
             rs = None
             if i == 0 and return_pinv and bool(torch.isfinite(ha).all()):
-                rs = _svd_rank(ha)
+                rs = _svd_rank(ha, vectors=True)
                 X_pinv = pinv_from_svd(rs[1], ha.dtype, tuple(ha.shape[-2:]))
             v, d = _rank_verdict(ha, f"input width of layer {i}{' (+1 bias)' if bias else ''}", rs)
         elif action == "pseudo_inverse":
