@@ -211,6 +211,49 @@ def _fast_loss(loss: str, slope: float, bias: bool) -> Callable:
     return lambda ws, X, Y: ce_loss_from_logits(out(ws, X), Y)
 
 
+def grad_norm_one_hidden(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *, loss: str = "mse",
+                         slope: float = DEFAULT_SLOPE, bias: bool = False,
+                         need_grad: bool = True) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+    """``(||grad L||^2, L, [dS/dT])`` for a network with one hidden layer ``(V, U)`` under an exact action, with
+    no second-order autograd (docs/mathematics.md, section 5).
+
+    An exact action keeps the output and the loss, so ``R = dL/df`` is invariant, the hidden layer becomes
+    ``g Z`` and ``sigma'`` keeps its pattern ``D``; then ``grad_U L = R (g Z)^T`` and
+    ``grad_V L = ((g^{-T} U^T R) * D) h^T``, and at ``g = I + T``, ``T = 0``:
+
+    ``dS/dT = 2 A^T A - 2 B ((grad_V L h) * D)^T``,  ``A = grad_U L`` (first ``k`` columns), ``B = U^T R``.
+
+    One forward and one backward pass (a GD step's work) instead of a double backward.
+    """
+    V, U = weights
+    ha = augment(X) if bias else X
+    pre = V @ ha
+    Z = leaky_relu(pre, slope)
+    Za = augment(Z) if bias else Z
+    out = U @ Za
+    if loss == "mse":
+        r = out - Y
+        L = 0.5 * r.pow(2).sum(dim=(-2, -1))
+    else:
+        logp = torch.log_softmax(out, dim=-2)
+        labels = Y.expand(*out.shape[:-2], Y.shape[-1]).long()
+        L = -torch.gather(logp, -2, labels.unsqueeze(-2)).squeeze(-2).mean(dim=-1)
+        r = (logp.exp() - torch.nn.functional.one_hot(labels, out.shape[-2]).transpose(-1, -2).to(out.dtype))
+        r = r / out.shape[-1]
+    gU = r @ Za.mT
+    k = V.shape[-2]
+    B = U[..., :k].mT @ r
+    pos = pre >= 0
+    gV = torch.where(pos, B, B * slope) @ ha.mT
+    S = gU.pow(2).sum(dim=(-2, -1)) + gV.pow(2).sum(dim=(-2, -1))
+    if not need_grad:
+        return S, L, None
+    A = gU[..., :k]
+    E = gV @ ha
+    dT = 2 * (A.mT @ A) - 2 * (B @ torch.where(pos, E, E * slope).mT)
+    return S, L, [dT]
+
+
 def exact_action_grad(weights: Sequence[Tensor], X: Tensor, weight_grads: Sequence[Tensor], *,
                       X_pinv: Tensor | None = None, slope: float = DEFAULT_SLOPE, bias: bool = False) -> list[Tensor]:
     """``dS/dT_i`` at ``T = 0`` of ``S(g(T) . w)`` for an *exact* inverse-form (or linearised) action, from the
@@ -401,9 +444,13 @@ def teleport_weights(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
     # has a closed form in the weight gradient (docs/mathematics.md, section 5), so no autograd through the action
     analytic = ex.verdict == "exact" and action in ("inverse", "linearised")
     square = ex.verdict == "exact"
+    one_hidden = fused and len(W) == 2  # grad_norm of one hidden layer: closed forms, no second-order autograd
 
     def evaluate(Wc: Sequence[Tensor], need_grad: bool):
         """Objective and loss at ``Wc`` and, if ``need_grad``, ``dS/dT`` at ``T = 0`` for every hidden layer."""
+        if one_hidden and (analytic or not need_grad):
+            with torch.no_grad():
+                return grad_norm_one_hidden(Wc, X, Y, loss=loss, slope=slope, bias=bias, need_grad=need_grad)
         if not need_grad:
             sc, Lc = objective_and_loss(Wc, create_graph=False)
             return sc.detach(), Lc.detach(), None

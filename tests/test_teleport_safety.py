@@ -248,3 +248,28 @@ def test_closed_form_action_gradient_equals_autograd(bias, action, param):
         return float(grad_norm_sq(transform(W, X, el, action=action, bias=bias), X, Y, bias=bias).detach())
     fd = (s_at(1e-6) - s_at(-1e-6)) / 2e-6
     assert fd == pytest.approx(float(got[1][2, 3]), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_one_hidden_layer_closed_form_equals_autograd(bias, loss):
+    """grad_norm_one_hidden (the teleport's fast path for one hidden layer under an exact action): the squared
+    gradient norm, the loss and dS/dT equal autograd through the action, batched over initialisations."""
+    from metatele.nets import ce_loss, init_linear, mse_loss
+    from metatele.objectives import grad_norm_sq
+    from metatele.symmetry import group_element, transform
+    from metatele.teleport import grad_norm_one_hidden
+
+    g = torch.Generator().manual_seed(0)
+    W = init_linear([6, 6, 3], g, bias=bias, dtype=torch.float64, n_init=2)
+    b = 6 + bias
+    X = torch.randn(2, 6, b, generator=g, dtype=torch.float64)
+    Y = (torch.randn(2, 3, b, generator=g, dtype=torch.float64) if loss == "mse"
+         else torch.randint(0, 3, (2, b), generator=g))
+    T = torch.zeros(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    s = grad_norm_sq(transform(W, X, [group_element(T)], bias=bias), X, Y, loss=loss, bias=bias)
+    ref = torch.autograd.grad(s.sum(), T)[0]
+    S, L, dT = grad_norm_one_hidden(W, X, Y, loss=loss, bias=bias)
+    torch.testing.assert_close(S, s.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(L, (mse_loss if loss == "mse" else ce_loss)(W, X, Y, bias=bias), rtol=1e-12, atol=0)
+    torch.testing.assert_close(dT[0], ref, rtol=1e-10, atol=1e-12)
