@@ -36,7 +36,7 @@ RULES = ("normalized", "raw")
 #: Default ``lr`` per rule: the length ``||T||_F`` of a normalised step, or the papers'-style raw learning rate.
 DEFAULT_LR = {"normalized": 0.1, "raw": 1e-3}
 #: Default bound on the condition number of the composed group element of each hidden layer.
-DEFAULT_MAX_COND = 1e3
+DEFAULT_MAX_COND = 1e2
 #: Why a step can be rejected (keys of :attr:`TeleportReport.rejected`).
 REJECT_REASONS = ("non_finite", "ill_conditioned", "loss", "objective")
 _REASON_TEXT = {"non_finite": "non-finite weights, objective or group element",
