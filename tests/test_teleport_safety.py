@@ -126,7 +126,7 @@ def test_raw_rule_still_ascends_at_the_papers_learning_rates(method):
     for seed in range(3):
         W, X, Y = regression_problem(DIMS, seed, dtype=torch.float64)
         _, rep = teleport_weights(W, X, Y, lr=tele_lr, rule="raw", steps=tele_steps)
-        assert 2 < float(rep.objective_ratio) < 1e6
+        assert 1.1 < float(rep.objective_ratio) < 1e6
         assert set(rep.rejections()) <= {"ill_conditioned"} and int(rep.steps_taken) >= 1
         assert float(rep.loss_rel_change) <= default_loss_tol(torch.float64)
 
