@@ -2,14 +2,19 @@
 teleports, for weight tuples (batched over initialisations) and in place for ``nn.Sequential`` models.
 
 Algorithm (P1 Algorithm 1; docs/mathematics.md, section 5): for ``steps`` steps, build ``g . w`` with ``T = 0``
-(``g = I + T`` or ``exp(T)``, one ``T`` per hidden layer), compute the objective ``s(g . w)`` and
-``ds/dT``, set ``T = +/- lr * ds/dT``, and move ``w`` to ``g . w`` with the *exact* action (the inverse
-of ``g`` is solved, not approximated by ``I - T``). An initialisation whose objective has passed the
-``cap`` stops (ascent: ``s >= cap``; descent: ``s <= cap``). Two guards beyond the papers, both reported:
-``max_step_norm`` clips ``||T||_F`` of each step (``ds/dT`` scales with the loss, ~1e9 on the paper's
-regression problems), and a step that would make an initialisation's weights non-finite, its ``g``
-singular, or (for a loss-preserving action) change its loss by more than ``loss_tol`` relative (numerical
-breakdown far from the identity) is rolled back for that initialisation.
+(``g = I + T`` or ``exp(T)``, one ``T`` per hidden layer), compute the objective ``s(g . w)`` and ``ds/dT``, take
+a step ``T`` and move ``w`` to ``g . w`` with the *exact* action (the inverse of ``g`` is solved, not
+approximated by ``I - T``). An initialisation whose objective has passed the ``cap`` stops.
+
+Beyond the papers, every teleport is safe by default, whatever the action, learning rate and dtype:
+
+* the default step rule is scale-free (``rule="normalized"``: steps of length ``||T||_F = lr`` along
+  ``ds/dT``, accepted only if they improve the objective, with backtracking); the papers' ``T = lr ds/dT`` is
+  ``rule="raw"``;
+* a step that leaves non-finite weights, makes a composed group element ill-conditioned (``max_cond``) or moves
+  the loss beyond a dtype-aware tolerance (``loss_tol``; upwards only for approximate actions) is rejected,
+  and the report counts the rejections per reason;
+* malformed input is a ``TypeError`` / ``ValueError`` naming the argument.
 """
 from __future__ import annotations
 

@@ -273,3 +273,17 @@ def test_one_hidden_layer_closed_form_equals_autograd(bias, loss):
     torch.testing.assert_close(S, s.detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(L, (mse_loss if loss == "mse" else ce_loss)(W, X, Y, bias=bias), rtol=1e-12, atol=0)
     torch.testing.assert_close(dT[0], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule,lr", [(None, None), (None, 1e3), ("raw", 1e-2)])
+def test_one_network_loop_equals_batched_loop(rule, lr):
+    """The one-network loop (Python numbers) and the batched loop (tensor masks) take the same steps, reject the
+    same ones for the same reasons, and end at the same weights."""
+    b = regression_batch([20, 20, 20, 20], train_seeds(3), dtype=torch.float64)
+    Wb, rb = teleport_weights(b.weights, b.X, b.Y, lr=lr, rule=rule, steps=6)
+    for i in range(3):
+        Wi, ri = teleport_weights(tuple(w[i] for w in b.weights), b.X[i], b.Y[i], lr=lr, rule=rule, steps=6)
+        assert int(ri.steps_taken) == int(rb.steps_taken[i])
+        assert {k: int(v) for k, v in ri.rejected.items()} == {k: int(v[i]) for k, v in rb.rejected.items()}
+        assert all(torch.allclose(a[i], c, rtol=1e-9, atol=1e-12) for a, c in zip(Wb, Wi))
+        assert float(ri.objective_after) == pytest.approx(float(rb.objective_after[i]), rel=1e-9)
