@@ -245,9 +245,10 @@ class TrainConfig:
       ``LearnedOptimizer.from_checkpoint`` use the selected ones; training goes on from the current ones.
     select_trajectories: held-out problems of that check (seeds of the training stream that no
       meta-batch uses, never evaluation seeds).
-    select_horizon: the check runs ``select_horizon`` times the training horizon and scores the mean
-      over problems and steps of ``log L`` (a non-finite loss counts as 1e21): early speed, the loss at
-      the horizon and stability beyond it all count.
+    select_horizon: the check runs ``select_horizon`` times the training horizon; the score is the mean
+      ``log L`` over the problems and the steps of the training horizon (what meta-training optimises)
+      plus a large penalty per problem whose loss is non-finite or spikes above 10x its running minimum
+      at any step of the check: stability beyond the horizon is required.
     drop_diverged: when some trajectories of a meta-batch diverge (non-finite weights or loss), go on with
       the others (True) instead of abandoning the whole meta-batch (False: the behaviour before this
       option; data-parallel runs always abandon it). With many trajectories per meta-batch, abandoning

@@ -333,3 +333,16 @@ def test_inner_gradient_is_partial_after_a_two_hidden_layer_teleport():
         _, _, g2 = stepper.step(Wt, lf, lambda w, g: tuple(x - 1e-3 * y for x, y in zip(w, g)))
         for a, b in zip(g2, ref):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_selection_score_penalises_instability_beyond_the_horizon():
+    from metatele.meta.trainer import selection_score
+
+    good = torch.tensor([[100.0, 10.0, 5.0, 4.0, 3.0, 3.0]]).repeat(4, 1)
+    fast_then_spike = good.clone() * 0.5
+    fast_then_spike[0, 5] = 1e3  # one problem spikes after the horizon (3 steps)
+    assert selection_score(fast_then_spike, 3) > selection_score(good, 3)
+    assert selection_score(good * 0.5, 3) < selection_score(good, 3)  # faster within the horizon wins
+    nan = good.clone()
+    nan[1, 4] = float("nan")
+    assert selection_score(nan, 3) > selection_score(good, 3) + 10

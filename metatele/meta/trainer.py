@@ -47,7 +47,7 @@ from ..learned.methods import LearnedMethod
 from ..problems import regression_batch, train_seeds
 from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
-__all__ = ["Progress", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite"]
+__all__ = ["Progress", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite", "selection_score"]
 
 #: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
 SELECT_OFFSET = 10**7
@@ -98,6 +98,19 @@ def grads_finite(grads: list[torch.Tensor]) -> bool:
     if not grads:
         return True
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def selection_score(L: torch.Tensor, horizon: int, spike_factor: float = 10.0) -> float:
+    """``L (problems, steps)``: mean over problems of the mean ``log L_t`` over the training horizon
+    ``t < horizon`` (what meta-training optimises), plus ``log 1e21`` times the fraction of problems whose
+    loss, at any of the steps (also beyond the horizon), is non-finite or above ``spike_factor`` times its
+    running minimum: stability beyond the horizon is required, not traded against speed."""
+    L = L.detach().double().cpu()
+    finite = torch.isfinite(L)
+    Lf = torch.where(finite, L.clamp_min(1e-30), torch.full_like(L, 1e21))
+    run_min = torch.cummin(Lf, dim=1).values
+    unstable = (~finite.all(1)) | (Lf[:, 1:] > spike_factor * run_min[:, :-1]).any(1)
+    return float(Lf[:, :horizon].log().mean() + math.log(1e21) * unstable.double().mean())
 
 
 class MetaTrainer:
@@ -244,13 +257,12 @@ class MetaTrainer:
         return train_seeds(self.cfg.train.select_trajectories, start=self.cfg.train.seed_offset + SELECT_OFFSET)
 
     def selection_score(self) -> float:
-        """Mean over the held-out problems and the ``select_horizon x steps`` evaluation steps of ``log L``
-        (non-finite: ``log 1e21``) of the current meta-parameters, under ``torch.no_grad``; lower is better."""
+        """Score of the current meta-parameters on the held-out problems (lower is better), run under
+        ``torch.no_grad`` for ``select_horizon x steps`` steps: :func:`selection_score` of the losses."""
         prob = regression_batch(self.cfg.problem.dims, self.selection_seeds(), dtype=self.dtype, device=self.device)
         H = max(1, int(round(self.cfg.train.select_horizon * self.counts.steps)))
-        L = rollout(self.method, prob.weights, prob.X, prob.Y, H)["loss"].double()
-        L = torch.where(torch.isfinite(L), L.clamp_min(1e-30), torch.full_like(L, 1e21))
-        return float(L.log().mean())
+        L = rollout(self.method, prob.weights, prob.X, prob.Y, H)["loss"]
+        return selection_score(L, self.counts.steps)
 
     # ------------------------------------------------------------------ checkpoints
     def payload(self) -> dict[str, Any]:
