@@ -25,13 +25,28 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "METHODS", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
+    "METHODS", "DTYPE_NAMES", "UPDATE_ARCHS", "PREPROCESS", "UPDATE_PARAMS", "LR_PARAMS", "LEARNED_ACTIONS",
+    "GROUP_PARAMS", "MAGNITUDE_MODES", "ORDERS", "COMPUTE_DTYPES", "META_LOSSES", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
     "EvalConfig", "MethodConfig", "Config", "load_config", "config_from_dict", "config_to_dict",
     "PAPER_COUNTS",
 ]
 
 #: Learned methods of P2's Figure 6.
 METHODS = ("lstm_update_tele", "lstm_update", "lstm_lr_tele")
+
+#: The allowed values of every choice setting, defined once: the configuration validates against them and
+#: the modules that implement the choices import them from here.
+DTYPE_NAMES = ("float32", "float64")
+UPDATE_ARCHS = ("full", "coordinatewise")
+PREPROCESS = ("none", "scale", "log_sign")
+UPDATE_PARAMS = ("direct", "precond")
+LR_PARAMS = ("clamp", "log_sigmoid")
+LEARNED_ACTIONS = ("inverse", "linearised")
+GROUP_PARAMS = ("I+T", "exp")
+MAGNITUDE_MODES = ("fixed", "learned")
+ORDERS = ("update_then_teleport", "teleport_then_update")
+COMPUTE_DTYPES = ("float64", "same")
+META_LOSSES = ("sum", "log", "mean_ratio")
 
 #: Paper meta-training counts (trajectories, inner steps per trajectory), P2 section 6.
 PAPER_COUNTS = {"lstm_lr_tele": (30, 300), "lstm_update_tele": (700, 100), "lstm_update": (600, 100)}
@@ -79,7 +94,7 @@ class ProblemConfig:
                              "with at least one hidden layer (4 entries)")
         for i, d in enumerate(self.dims):
             _check_range(f"problem.dims[{i}]", d, 1, 100000, integer=True)
-        _check_choice("problem.dtype", self.dtype, ("float32", "float64"))
+        _check_choice("problem.dtype", self.dtype, DTYPE_NAMES)
 
 
 @dataclass
@@ -133,21 +148,21 @@ class LSTMConfig:
     lr_init: float = 1e-4
 
     def validate(self) -> None:
-        _check_choice("lstm.update_arch", self.update_arch, ("full", "coordinatewise"))
+        _check_choice("lstm.update_arch", self.update_arch, UPDATE_ARCHS)
         for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden"):
             _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
-        _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
-        _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same", "none", "scale", "log_sign"))
+        _check_choice("lstm.preprocess", self.preprocess, PREPROCESS)
+        _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same",) + PREPROCESS)
         _check_range("lstm.preprocess_p", self.preprocess_p, 0, 100, lo_open=True)
         _check_range("lstm.input_scale", self.input_scale, 0, None, lo_open=True)
-        _check_choice("lstm.update_param", self.update_param, ("direct", "precond"))
+        _check_choice("lstm.update_param", self.update_param, UPDATE_PARAMS)
         _check_range("lstm.update_scale", self.update_scale, 0, None, lo_open=True)
         _check_range("lstm.precond_lr", self.precond_lr, 0, 1.0, lo_open=True)
         _check_range("lstm.precond_range", self.precond_range, 0, 20.0)
         _check_range("lstm.update_clamp", self.update_clamp, 0, None, lo_open=True)
         _check_range("lstm.lr_min", self.lr_min, 0, None, lo_open=True)
         _check_range("lstm.lr_max", self.lr_max, self.lr_min, None, lo_open=True)
-        _check_choice("lstm.lr_param", self.lr_param, ("clamp", "log_sigmoid"))
+        _check_choice("lstm.lr_param", self.lr_param, LR_PARAMS)
         _check_range("lstm.lr_init", self.lr_init, self.lr_min, self.lr_max)
 
 
@@ -180,13 +195,13 @@ class TeleportConfig:
     compute_dtype: str = "float64"
 
     def validate(self) -> None:
-        _check_choice("teleport.action", self.action, ("inverse", "linearised"))
-        _check_choice("teleport.param", self.param, ("I+T", "exp"))
+        _check_choice("teleport.action", self.action, LEARNED_ACTIONS)
+        _check_choice("teleport.param", self.param, GROUP_PARAMS)
         _check_range("teleport.magnitude", self.magnitude, 0, 1.0)
-        _check_choice("teleport.magnitude_mode", self.magnitude_mode, ("fixed", "learned"))
-        _check_choice("teleport.order", self.order, ("update_then_teleport", "teleport_then_update"))
+        _check_choice("teleport.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
+        _check_choice("teleport.order", self.order, ORDERS)
         _check_range("teleport.every", self.every, 1, 10**9, integer=True)
-        _check_choice("teleport.compute_dtype", self.compute_dtype, ("float64", "same"))
+        _check_choice("teleport.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass
@@ -219,7 +234,7 @@ class MetaConfig:
 
     def validate(self) -> None:
         _check_range("meta.unroll", self.unroll, 1, 10**6, integer=True)
-        _check_choice("meta.meta_loss", self.meta_loss, ("sum", "log", "mean_ratio"))
+        _check_choice("meta.meta_loss", self.meta_loss, META_LOSSES)
         _check_range("meta.decay", self.decay, 0, 1.0, lo_open=True)
         if not isinstance(self.first_order, bool):
             raise ValueError(f"meta.first_order = {self.first_order!r} must be true or false")
