@@ -4,7 +4,7 @@ trajectories, window by window (P2 section 6, truncated BPTT).
 One inner step ``t`` on weights ``w_t`` (``W_i (B, out, in)``, ``B`` trajectories at once):
 
 * ``teleport.order = "update_then_teleport"`` (P2): ``g_t = dL/dw (w_t)``;
-  ``w' = update(w_t, g_t)``; if ``t % every == 0``: ``T = TeleportLSTM(g_t)``, ``w_{t+1} = g(T) . w'``.
+  ``w' = update(w_t, g_t)``; if ``t % every == 0`` (and ``t < until`` where ``teleport.until > 0``): ``T = TeleportLSTM(g_t)``, ``w_{t+1} = g(T) . w'``.
 * ``teleport.order = "teleport_then_update"``: ``g_t = dL/dw (w_t)``; ``T = TeleportLSTM(g_t)``,
   ``w' = g(T) . w_t``; ``g' = dL/dw (w')``; ``w_{t+1} = update(w', g')`` (one extra gradient).
 
@@ -95,7 +95,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper) -> tuple[InnerStat
         new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
         return new
 
-    do_tele = method.learn_tele and s.t % c.every == 0
+    do_tele = method.learn_tele and s.t % c.every == 0 and (c.until == 0 or s.t < c.until)
     if do_tele and c.order == "teleport_then_update":
         loss, g = stepper.grad(s.weights, lf)
         Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
