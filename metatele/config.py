@@ -182,9 +182,11 @@ class TeleportConfig:
       T computed from the gradient at w_t, then update with the gradient at the teleported point; one
       extra gradient per step).
     every: teleport at inner steps ``t`` with ``t % every == 0`` (P2: 1, every step).
-    until: teleport only at inner steps ``t < until`` (0: at every step, P2). Set to the training horizon,
-      a trained LSTM(update,tele) run for longer than it was trained for stops teleporting there instead
-      of teleporting on in a regime it never saw (the teleports accumulate).
+    until: teleport only at inner steps ``t < until`` (0: at every step, P2).
+    until_horizon: if true, ``until`` is each method's own training horizon (``methods.<name>.steps``): a
+      trained meta-optimiser run for longer than it was trained for stops teleporting there instead of
+      teleporting on in a regime it never saw (its teleports accumulate; with ``magnitude`` 0.05 they
+      made most runs diverge by 3x the horizon).
     compute_dtype: precision of the group action (``"float64"`` keeps the loss to ~1e-8 relative in a
       float32 network whose X has condition number ~1e4; ``"same"`` uses the network's dtype).
     """
@@ -196,6 +198,7 @@ class TeleportConfig:
     order: str = "update_then_teleport"
     every: int = 1
     until: int = 0
+    until_horizon: bool = False
     compute_dtype: str = "float64"
 
     def validate(self) -> None:
@@ -206,6 +209,8 @@ class TeleportConfig:
         _check_choice("teleport.order", self.order, ORDERS)
         _check_range("teleport.every", self.every, 1, 10**9, integer=True)
         _check_range("teleport.until", self.until, 0, 10**9, integer=True)
+        if not isinstance(self.until_horizon, bool):
+            raise ValueError(f"teleport.until_horizon = {self.until_horizon!r} must be true or false")
         _check_choice("teleport.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 

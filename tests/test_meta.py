@@ -346,3 +346,21 @@ def test_selection_score_penalises_instability_beyond_the_horizon():
     nan = good.clone()
     nan[1, 4] = float("nan")
     assert selection_score(nan, 3) > selection_score(good, 3) + 10
+
+
+def test_teleport_until_the_training_horizon():
+    """teleport.until / until_horizon: no learned teleport from that inner step on (same result as a
+    method without teleport there), per method's own horizon."""
+    cfg = tiny_config(teleport__until_horizon=True)
+    m = build_method("lstm_update_tele", cfg)
+    assert m.tele_until == cfg.methods["lstm_update_tele"].steps == 6
+    assert build_method("lstm_lr_tele", cfg).tele_until == cfg.methods["lstm_lr_tele"].steps
+    prob = regression_batch(cfg.problem.dims, train_seeds(2))
+    calls = []
+    orig = m.teleport
+    m.teleport = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    rollout(m, prob.weights, prob.X, prob.Y, 10)
+    assert len(calls) == 6
+    m.tele_until = 0
+    rollout(m, prob.weights, prob.X, prob.Y, 10)
+    assert len(calls) == 16

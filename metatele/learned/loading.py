@@ -24,6 +24,8 @@ def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport)
+    if cfg.teleport.until_horizon and name in cfg.methods:
+        m.tele_until = cfg.methods[name].steps
     return m.to(DTYPES[cfg.problem.dtype])
 
 

@@ -52,6 +52,7 @@ class LearnedMethod(nn.Module):
             raise ValueError(f"need at least two weights (one hidden layer), got shapes {list(shapes)}")
         lstm = lstm or LSTMConfig()
         self.tele_cfg = teleport or TeleportConfig()
+        self.tele_until = self.tele_cfg.until  # teleport only at inner steps t < tele_until (0: always)
         self.lstm_cfg = lstm
         self.name = name
         self.shapes = [tuple(int(x) for x in s) for s in shapes]

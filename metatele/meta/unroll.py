@@ -95,7 +95,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper) -> tuple[InnerStat
         new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
         return new
 
-    do_tele = method.learn_tele and s.t % c.every == 0 and (c.until == 0 or s.t < c.until)
+    do_tele = method.learn_tele and s.t % c.every == 0 and (method.tele_until == 0 or s.t < method.tele_until)
     if do_tele and c.order == "teleport_then_update":
         loss, g = stepper.grad(s.weights, lf)
         Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
