@@ -111,6 +111,12 @@ class LSTMConfig:
       ``"log_sigmoid"`` (``lr = lr_min (lr_max/lr_min)^sigmoid(head(h))``, smooth, starts at ``lr_init``).
     lr_init: step size of the first inner step (before the LSTM has spoken; P2's code: 1e-4) and, with
       ``lr_param = "log_sigmoid"``, the step size the untrained LSTM proposes.
+    tele_arch: ``"full"`` (P2: one TeleportLSTM per hidden layer reading both whole gradient matrices
+      around it; tied to the layer widths) or ``"neuronwise"`` (one small LSTM shared by every hidden
+      neuron of every hidden layer, reading per-neuron gradient statistics; its outputs form a low-rank
+      plus diagonal ``T`` per layer: any width, any depth; docs/meta_learning.md, section 3).
+    neuron_hidden: hidden size of the neuronwise teleport LSTM.
+    neuron_rank: rank ``r`` of the off-diagonal part ``A B^T`` of the neuronwise ``T``.
     """
 
     update_arch: str = "full"
@@ -131,10 +137,15 @@ class LSTMConfig:
     lr_max: float = 5e-3
     lr_param: str = "clamp"
     lr_init: float = 1e-4
+    tele_arch: str = "full"
+    neuron_hidden: int = 20
+    neuron_rank: int = 2
 
     def validate(self) -> None:
         _check_choice("lstm.update_arch", self.update_arch, ("full", "coordinatewise"))
-        for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden"):
+        _check_choice("lstm.tele_arch", self.tele_arch, ("full", "neuronwise"))
+        _check_range("lstm.neuron_rank", self.neuron_rank, 1, 1000, integer=True)
+        for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden", "neuron_hidden"):
             _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
         _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
         _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same", "none", "scale", "log_sign"))
