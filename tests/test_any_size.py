@@ -1,0 +1,168 @@
+"""The width- and depth-agnostic meta-optimiser (neuronwise teleport LSTM + coordinatewise update LSTM),
+problems with several hidden layers, and evaluation of a checkpoint on another problem size."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from _meta_tiny import tiny_config
+from metatele.checkpoint import ProblemMismatch
+from metatele.config import config_from_dict
+from metatele.learned import LearnedMethod, LearnedOptimizer, NeuronwiseTeleportLSTM
+from metatele.learned.any_size import low_rank_T, neuron_features
+from metatele.learned.methods import weight_shapes
+from metatele.meta.evaluate import evaluate, load_method
+from metatele.meta.trainer import MetaTrainer, build_method
+from metatele.meta.unroll import rollout
+from metatele.nets import mse_loss
+from metatele.problems import regression_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+ANY = dict(lstm__update_arch="coordinatewise", lstm__tele_arch="neuronwise", lstm__neuron_hidden=5,
+           lstm__neuron_rank=2)
+
+
+def _grads(dims, seed=1):
+    prob = regression_batch(dims, [seed, seed + 2], dtype=torch.float64)
+    ws = [w.requires_grad_() for w in prob.weights]
+    return prob, torch.autograd.grad(mse_loss(ws, prob.X, prob.Y).sum(), ws)
+
+
+def test_config_tele_arch_validated():
+    assert config_from_dict({}).lstm.tele_arch == "full"          # the paper's teleport LSTM by default
+    with pytest.raises(ValueError, match=r"lstm.tele_arch = 'rowwise'.*\['full', 'neuronwise'\]"):
+        config_from_dict({"lstm": {"tele_arch": "rowwise"}})
+    with pytest.raises(ValueError, match=r"lstm.neuron_rank = 0 is out of range"):
+        config_from_dict({"lstm": {"neuron_rank": 0}})
+
+
+def test_neuronwise_parameters_do_not_depend_on_the_network():
+    cfg = tiny_config(**ANY)
+    counts = {sum(p.numel() for p in LearnedMethod("lstm_update_tele", weight_shapes(d), cfg.lstm,
+                                                   cfg.teleport).parameters())
+              for d in ([4, 5, 4, 3], [4, 5, 9, 3], [4, 5, 4, 7, 6, 3])}
+    assert len(counts) == 1
+    m = LearnedMethod("lstm_update_tele", weight_shapes([4, 5, 4, 3]), cfg.lstm, cfg.teleport)
+    assert m.size_agnostic and not build_method("lstm_update_tele", tiny_config()).size_agnostic
+
+
+@pytest.mark.parametrize("mode", ["fixed", "learned"])
+def test_neuronwise_T_per_hidden_layer_norm_and_equivariance(mode):
+    torch.manual_seed(0)
+    net = NeuronwiseTeleportLSTM(6, 2, magnitude=0.05, magnitude_mode=mode).double()
+    dims = [4, 5, 4, 6, 3]
+    _, g = _grads(dims)
+    Ts, lr, st = net(g, net.init_state(2, torch.float64, n_neurons=10))
+    assert [tuple(T.shape) for T in Ts] == [(2, 4, 4), (2, 6, 6)] and lr is None
+    norms = torch.stack([torch.linalg.matrix_norm(T) for T in Ts])
+    if mode == "fixed":
+        torch.testing.assert_close(norms, torch.full_like(norms, 0.05))
+    else:
+        assert bool((norms > 0).all() and (norms < 0.05).all())
+    assert st[0][0].shape == (2 * 10, 6)
+    # relabelling the neurons of hidden layer 1 by P gives P T P^T (and leaves layer 2 alone)
+    P = torch.eye(4, dtype=torch.float64)[[2, 0, 3, 1]]
+    gp = (P @ g[0], g[1] @ P.T, g[2])
+    Tp, _, _ = net(gp, net.init_state(2, torch.float64, n_neurons=10))
+    torch.testing.assert_close(Tp[0], P @ Ts[0] @ P.T)
+    torch.testing.assert_close(Tp[1], Ts[1])
+
+
+def test_neuron_features_and_low_rank_T_shapes():
+    _, g = _grads([4, 5, 4, 3])
+    x = neuron_features(g[0], g[1])
+    assert x.shape == (2, 4, 10) and bool(torch.isfinite(x).all())
+    T = low_rank_T(torch.randn(2, 4, 5, dtype=torch.float64), 2, 0.01)
+    torch.testing.assert_close(torch.linalg.matrix_norm(T), torch.full((2,), 0.01, dtype=torch.float64))
+    with pytest.raises(ValueError, match="rank 3 needs 7"):
+        low_rank_T(torch.randn(2, 4, 5), 3, 0.01)
+
+
+@pytest.mark.parametrize("name,any_size", [("lstm_update_tele", True), ("lstm_lr_tele", True),
+                                           ("lstm_update_tele", False)])
+def test_meta_training_two_hidden_layers(name, any_size):
+    """One meta-batch on [b, d_in, h1, h2, d_out] trains (finite, parameters move) for both architectures."""
+    cfg = tiny_config(problem__dims=[4, 5, 4, 4, 3], **(ANY if any_size else {}))
+    tr = MetaTrainer(name, cfg, device="cpu")
+    before = [p.detach().clone() for p in tr.method.tele_nets.parameters()]
+    tr.run_meta_batch()
+    assert tr.progress.updates >= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.method.tele_nets.parameters()))
+    assert len(tr.method.tele_nets) == (1 if any_size else 2)
+
+
+def test_exact_teleport_keeps_the_loss_on_two_hidden_layers():
+    cfg = tiny_config(**ANY)
+    m = build_method("lstm_update_tele", cfg).double().resized(weight_shapes([6, 5, 4, 7, 3]))
+    prob, g = _grads([6, 5, 4, 7, 3])
+    Ts, _ = m.propose_teleport(g, m.init_state(2, torch.float64))
+    new = m.teleport([w.detach() for w in prob.weights], prob.X, Ts, torch.linalg.pinv(prob.X))
+    torch.testing.assert_close(mse_loss(new, prob.X, prob.Y), mse_loss(prob.weights, prob.X, prob.Y).detach())
+    assert not torch.allclose(new[1], prob.weights[1])
+
+
+def _ckpt(tmp_path, name, **over):
+    tr = MetaTrainer(name, tiny_config(**over), device="cpu")
+    tr.run_meta_batch()
+    path = tmp_path / f"{name}.pt"
+    tr.save(path)
+    return path
+
+
+def test_evaluate_on_other_dims_and_clear_error_for_fixed_size(tmp_path):
+    (tmp_path / "a").mkdir()
+    p_any = _ckpt(tmp_path / "a", "lstm_update_tele", **ANY)
+    res = evaluate([p_any], seeds=2, steps=4, dims=[4, 5, 7, 6, 3])
+    assert res["dims"] == [4, 5, 7, 6, 3]
+    assert set(res["methods"]) == {"gd", "gd_tele", "lstm_update_tele"}
+    assert all(v is not None for v in res["methods"]["lstm_update_tele"]["loss_mean"])
+    (tmp_path / "f").mkdir()
+    p_full = _ckpt(tmp_path / "f", "lstm_update_tele")
+    with pytest.raises(ProblemMismatch, match=r"fixed-size update LSTM .*and teleport LSTM"):
+        evaluate([p_full], seeds=2, steps=4, dims=[4, 5, 7, 6, 3])
+
+
+def test_learned_optimizer_moves_a_checkpoint_to_another_network(tmp_path):
+    """Trained on [4, 5, 4, 3] (no biases), used on a 3-hidden-layer net with biases: update and exact teleport."""
+    path = _ckpt(tmp_path, "lstm_update_tele", **ANY)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 9), nn.LeakyReLU(0.1), nn.Linear(9, 5), nn.LeakyReLU(0.1),
+                          nn.Linear(5, 6), nn.LeakyReLU(0.1), nn.Linear(6, 2))
+    xb, yb = torch.rand(5, 7), torch.rand(5, 2)   # [X; 1] (8 x 5) has full column rank: exact action
+    opt = LearnedOptimizer.from_checkpoint(path, model.parameters())
+    assert opt.method.hidden_widths == [9, 5, 6]
+    for _ in range(3):
+        opt.zero_grad()
+        (0.5 * (model(xb) - yb).pow(2).sum()).backward()
+        opt.step()
+        before = model(xb).detach()
+        w_before = model[2].weight.detach().clone()
+        assert opt.teleport(model, xb) is True
+        torch.testing.assert_close(model(xb).detach(), before, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(model[2].weight, w_before)
+
+
+def _run(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_eval_meta_dims_flag(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").mkdir()
+    p_any = _ckpt(tmp_path / "a", "lstm_update", **ANY)
+    p_full = _ckpt(tmp_path / "f", "lstm_update")
+    r = _run(str(ROOT / "eval_meta.py"), "--ckpt", str(p_any), "--dims", "4,5,8,8,3", "--seeds", "2",
+             "--steps", "3", "--out", str(tmp_path / "res"), "--threads", "1", "--no-plots", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["dims"] == [4, 5, 8, 8, 3]
+    for dims, msg in ((["--dims", "4,5,8,8,3"], "fixed-size update LSTM"), (["--dims", "4,x,3"], "comma-separated")):
+        r = _run(str(ROOT / "eval_meta.py"), "--ckpt", str(p_full), *dims, "--out", str(tmp_path / "r2"),
+                 "--threads", "1", "--no-plots", "--device", "cpu")
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
