@@ -186,3 +186,19 @@ def test_transfer_benchmark_quick(tmp_path):
         assert len(p["rows"]) >= 4
         for r in p["rows"].values():
             assert all(v == v for v in r["mean"]), p   # no NaN
+
+
+def test_select_state_keeps_each_trajectorys_neuron_rows():
+    """Dropping diverged trajectories (trainer) selects the neuronwise state trajectory by trajectory."""
+    cfg = tiny_config(problem__dims=[4, 5, 4, 6, 3], **ANY)
+    m = build_method("lstm_update_tele", cfg)
+    prob = regression_batch(cfg.problem.dims, [1, 3, 5])
+    ws = [w.requires_grad_() for w in prob.weights]
+    g = torch.autograd.grad(mse_loss(ws, prob.X, prob.Y).sum(), ws)
+    _, st = m.propose_teleport(g, m.init_state(3))
+    sub = m.select_state(st, torch.tensor([2, 0]))
+    h = st["tele"][0][1][0].reshape(3, 10, -1)
+    torch.testing.assert_close(sub["tele"][0][1][0].reshape(2, 10, -1), h[[2, 0]])
+    Ts, _ = m.propose_teleport(tuple(x[[2, 0]] for x in g), m.select_state(m.init_state(3), torch.tensor([2, 0])))
+    Ts_all, _ = m.propose_teleport(g, m.init_state(3))
+    torch.testing.assert_close(Ts[1], Ts_all[1][[2, 0]])
