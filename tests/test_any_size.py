@@ -202,3 +202,20 @@ def test_select_state_keeps_each_trajectorys_neuron_rows():
     Ts, _ = m.propose_teleport(tuple(x[[2, 0]] for x in g), m.select_state(m.init_state(3), torch.tensor([2, 0])))
     Ts_all, _ = m.propose_teleport(g, m.init_state(3))
     torch.testing.assert_close(Ts[1], Ts_all[1][[2, 0]])
+
+
+def test_diverged_network_gets_nan_weights_the_others_are_teleported():
+    """Two hidden layers: the action takes pseudo-inverses of hidden activations; one diverged network of the
+    batch must not stop the others (an SVD of NaNs raises)."""
+    from metatele.learned.teleport import apply_learned_teleport
+
+    p = regression_batch([6, 5, 4, 7, 3], [1, 3, 5], dtype=torch.float64)
+    W = [w.clone() for w in p.weights]
+    W[1][1, 0, 0] = float("nan")
+    g = torch.Generator().manual_seed(0)
+    Ts = [0.01 * torch.randn(3, k, k, generator=g, dtype=torch.float64) for k in (4, 7)]
+    out = apply_learned_teleport(W, p.X, Ts)
+    ref = apply_learned_teleport([w[[0, 2]] for w in p.weights], p.X[[0, 2]], [T[[0, 2]] for T in Ts])
+    assert all(bool(torch.isnan(o[1]).all()) for o in out)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o[[0, 2]], r)
