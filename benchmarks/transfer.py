@@ -18,6 +18,15 @@ the configuration) on 20 unseen initialisations (odd seeds) of:
   ``--mnist-gd-lr``; the hand-designed teleport (10 gradient-norm ascent steps before step 0, each step's
   ``||T||_F`` clipped to 0.01) runs with ``--mnist-tele-lr``.
 
+Step sizes. The regression losses grow with width and depth (about 5e5 at the training size, 2e6 at width 40,
+5e7 with two hidden layers), and GD at the training problem's step ``eval.gd_lr`` (3e-4) diverges on the
+larger ones. So each regression problem gets its own GD step: the largest of ``--lr-grid`` at which GD
+diverges on none of ``--seeds`` *training* initialisations (even seeds; the table uses odd ones), and the
+hand-designed teleport runs with that step too. The learned optimisers are reported twice: as trained
+(their base step ``lstm.precond_lr``, the centre of the learned per-coordinate step range, fixed), and with
+the base step set to the problem's GD step (``rescaled``: a hyper-parameter of the parametrisation, not a
+meta-parameter; nothing is retrained). On MNIST the rescaled base step is ``--mnist-gd-lr``.
+
     python train_meta.py --config configs/any_size.toml --threads 1
     python benchmarks/transfer.py --ckpt-dir checkpoints/any_size --threads 1
 
@@ -38,10 +47,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402
+
 from metatele.baselines import run_gd  # noqa: E402
+from metatele.learned.methods import weight_shapes  # noqa: E402
 from metatele.meta.evaluate import evaluate, load_method  # noqa: E402
+from metatele.meta.unroll import rollout  # noqa: E402
 from metatele.nets import ce_loss, from_sequential  # noqa: E402
-from metatele.problems import eval_seeds  # noqa: E402
+from metatele.problems import eval_seeds, regression_batch, train_seeds  # noqa: E402
 
 METHODS = ("lstm_update_tele", "lstm_update")
 LABELS = {"gd": "GD", "gd_tele": "GD + hand-designed teleport", "lstm_update": "LSTM(update), coordinatewise",
@@ -53,6 +66,23 @@ def transfer_dims(dims: list[int]) -> list[tuple[str, list[int]]]:
     b, d, h, o = dims
     return [("training size", [b, d, h, o]), (f"width {max(1, h // 2)}", [b, d, max(1, h // 2), o]),
             (f"width {2 * h}", [b, d, 2 * h, o]), ("two hidden layers", [b, d, h, h, o])]
+
+
+def stable_gd_lr(dims: list[int], grid: list[float], n_seeds: int, steps: int) -> float:
+    """The largest step of ``grid`` at which GD diverges on none of ``n_seeds`` training problems of
+    ``dims`` over ``steps`` steps (the smallest of ``grid`` if every one diverges somewhere)."""
+    p = regression_batch(dims, train_seeds(n_seeds))
+    for lr in sorted(grid, reverse=True):
+        if bool(torch.isfinite(run_gd(p.weights, p.X, p.Y, steps=steps, lr=lr).loss).all()):
+            return lr
+    return min(grid)
+
+
+def with_base_lr(method, lr: float):
+    """``method`` with the coordinatewise update's base step ``lstm.precond_lr`` set to ``lr`` (in place)."""
+    if method.update_net is not None:
+        method.update_net.base_lr = float(lr)
+    return method
 
 
 def ce_rollout(method, weights, X, labels, steps: int) -> torch.Tensor:
@@ -124,6 +154,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=20, help="unseen initialisations per problem (default 20)")
     ap.add_argument("--steps", type=int, default=100, help="horizon (default 100, the training horizon)")
     ap.add_argument("--report", default="0,10,30,99", help="steps of the table (default 0,10,30,99)")
+    ap.add_argument("--lr-grid", default="3e-4,1e-4,3e-5,1e-5,3e-6,1e-6",
+                    help="GD steps tried per regression problem (the largest stable one on training seeds is used)")
     ap.add_argument("--dataset", default="mnist5k", help="classification data (default mnist5k; 'none' skips it)")
     ap.add_argument("--mnist-batch", type=int, default=200, help="fixed training images (default 200)")
     ap.add_argument("--mnist-gd-lr", type=float, default=0.1, help="GD step for cross-entropy (default 0.1)")
@@ -144,16 +176,27 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     _, cfg, _ = load_method(ckpts[0])
     ecfg = cfg.eval
+    base = cfg.lstm.precond_lr
     results, md = {"report_steps": at, "seeds": args.seeds, "steps": args.steps, "problems": {}}, []
+    grid = [float(x) for x in args.lr_grid.split(",")]
     for title, dims in transfer_dims(list(cfg.problem.dims)):
         t1 = time.perf_counter()
-        res = evaluate(ckpts, seeds=args.seeds, steps=args.steps, dims=dims, device="cpu")
+        lr = stable_gd_lr(dims, grid, args.seeds, args.steps)
+        res = evaluate(ckpts, seeds=args.seeds, steps=args.steps, dims=dims, device="cpu",
+                       eval_cfg=dataclasses.replace(ecfg, gd_lr=lr))
         rows = {}
         for key in ("gd", "gd_tele", *METHODS):
             e = res["methods"][key]
             L = torch.tensor([[float("nan") if v is None else v for v in run] for run in e["loss"]])
-            rows[LABELS[key]] = stats(L, at)
-        results["problems"][title] = {"dims": dims, "rows": rows, "wall_s": time.perf_counter() - t1}
+            name = LABELS[key] + (f" (lr {lr:g})" if key.startswith("gd") else f", as trained (base {base:g})")
+            rows[name] = stats(L, at)
+        if lr != base:
+            prob = regression_batch(dims, eval_seeds(args.seeds))
+            for m, ck in zip(METHODS, ckpts):
+                method = with_base_lr(load_method(ck)[0].resized(weight_shapes(dims)), lr)
+                rows[f"{LABELS[m]}, rescaled (base {lr:g})"] = stats(
+                    rollout(method, prob.weights, prob.X, prob.Y, args.steps)["loss"], at)
+        results["problems"][title] = {"dims": dims, "gd_lr": lr, "rows": rows, "wall_s": time.perf_counter() - t1}
         md += table(f"Regression, {title}", dims, rows, at)
         print(f"{title} {dims}: {time.perf_counter() - t1:.1f} s", file=sys.stderr)
     if args.dataset != "none":
@@ -165,9 +208,14 @@ def main(argv=None) -> int:
         r = run_gd(weights, X, y, steps=args.steps, lr=args.mnist_gd_lr, loss="ce", teleport_at=[0],
                    teleport_kwargs={"steps": ecfg.tele_steps, "lr": args.mnist_tele_lr, "max_step_norm": 0.01})
         rows[f"GD (lr {args.mnist_gd_lr:g}) + hand-designed teleport"] = stats(r.loss, at)
-        for m, ck in zip(METHODS, ckpts):
-            method = load_method(ck)[0].resized([tuple(w.shape[1:]) for w in weights])
-            rows[LABELS[m]] = stats(ce_rollout(method, weights, X, y, args.steps), at)
+        for rescale in (False, True):
+            for m, ck in zip(METHODS, ckpts):
+                method = load_method(ck)[0].resized([tuple(w.shape[1:]) for w in weights])
+                name = f"{LABELS[m]}, as trained (base {base:g})"
+                if rescale:
+                    method = with_base_lr(method, args.mnist_gd_lr)
+                    name = f"{LABELS[m]}, rescaled (base {args.mnist_gd_lr:g})"
+                rows[name] = stats(ce_rollout(method, weights, X, y, args.steps), at)
         dims = [args.mnist_batch, *widths]
         title = f"{args.dataset} classification (cross-entropy, {args.mnist_batch} fixed training images)"
         results["problems"]["mnist"] = {"dims": dims, "rows": rows, "wall_s": time.perf_counter() - t1}
