@@ -302,6 +302,9 @@ def _check_fields(data: dict[str, Any], where: str) -> None:
         v = prog.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             bad(f"progress.{k} = {v!r} must be an integer >= 0" if k in prog else f"progress lacks {k!r}")
+    best = data.get("best")
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("meta_params"), dict)):
+        bad("best must be a dict holding meta_params")
     for name, t in data["meta_params"].items():
         if not isinstance(t, torch.Tensor):
             bad(f"meta_params[{name!r}] is a {type(t).__name__}, not a tensor")
@@ -309,13 +312,6 @@ def _check_fields(data: dict[str, Any], where: str) -> None:
             n = int((~torch.isfinite(t)).sum())
             bad(f"meta-parameter {name!r} has {n} non-finite value(s) of {t.numel()}; "
                 f"these meta-optimisers cannot be used")
-
-
-def check_dims(ckpt: dict[str, Any], dims: Sequence[int], path: str = "checkpoint") -> None:
-    """Raise :class:`ProblemMismatch` if the checkpoint was trained on another problem size."""
-    if list(ckpt["dims"]) != [int(d) for d in dims]:
-        raise ProblemMismatch(f"{path} was trained on problem dims {list(ckpt['dims'])}, "
-                              f"not {list(dims)}")
 
 
 def check_arch(ckpt: dict[str, Any], arch: dict[str, Any], path: str = "checkpoint") -> None:

@@ -25,13 +25,29 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "METHODS", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
+    "METHODS", "DTYPE_NAMES", "UPDATE_ARCHS", "TELE_ARCHS", "PREPROCESS", "UPDATE_PARAMS", "LR_PARAMS", "LEARNED_ACTIONS",
+    "GROUP_PARAMS", "MAGNITUDE_MODES", "ORDERS", "COMPUTE_DTYPES", "META_LOSSES", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
     "EvalConfig", "MethodConfig", "Config", "load_config", "config_from_dict", "config_to_dict",
     "PAPER_COUNTS",
 ]
 
 #: Learned methods of P2's Figure 6.
 METHODS = ("lstm_update_tele", "lstm_update", "lstm_lr_tele")
+
+#: The allowed values of every choice setting, defined once: the configuration validates against them and
+#: the modules that implement the choices import them from here.
+DTYPE_NAMES = ("float32", "float64")
+UPDATE_ARCHS = ("full", "coordinatewise")
+TELE_ARCHS = ("full", "neuronwise")
+PREPROCESS = ("none", "scale", "log_sign")
+UPDATE_PARAMS = ("direct", "precond")
+LR_PARAMS = ("clamp", "log_sigmoid")
+LEARNED_ACTIONS = ("inverse", "linearised")
+GROUP_PARAMS = ("I+T", "exp")
+MAGNITUDE_MODES = ("fixed", "learned")
+ORDERS = ("update_then_teleport", "teleport_then_update")
+COMPUTE_DTYPES = ("float64", "same")
+META_LOSSES = ("sum", "log", "mean_ratio")
 
 #: Paper meta-training counts (trajectories, inner steps per trajectory), P2 section 6.
 PAPER_COUNTS = {"lstm_lr_tele": (30, 300), "lstm_update_tele": (700, 100), "lstm_update": (600, 100)}
@@ -79,7 +95,7 @@ class ProblemConfig:
                              "with at least one hidden layer (4 entries)")
         for i, d in enumerate(self.dims):
             _check_range(f"problem.dims[{i}]", d, 1, 100000, integer=True)
-        _check_choice("problem.dtype", self.dtype, ("float32", "float64"))
+        _check_choice("problem.dtype", self.dtype, DTYPE_NAMES)
 
 
 @dataclass
@@ -142,23 +158,23 @@ class LSTMConfig:
     neuron_rank: int = 2
 
     def validate(self) -> None:
-        _check_choice("lstm.update_arch", self.update_arch, ("full", "coordinatewise"))
-        _check_choice("lstm.tele_arch", self.tele_arch, ("full", "neuronwise"))
+        _check_choice("lstm.update_arch", self.update_arch, UPDATE_ARCHS)
+        _check_choice("lstm.tele_arch", self.tele_arch, TELE_ARCHS)
         _check_range("lstm.neuron_rank", self.neuron_rank, 1, 1000, integer=True)
         for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden", "neuron_hidden"):
             _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
-        _check_choice("lstm.preprocess", self.preprocess, ("none", "scale", "log_sign"))
-        _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same", "none", "scale", "log_sign"))
+        _check_choice("lstm.preprocess", self.preprocess, PREPROCESS)
+        _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same",) + PREPROCESS)
         _check_range("lstm.preprocess_p", self.preprocess_p, 0, 100, lo_open=True)
         _check_range("lstm.input_scale", self.input_scale, 0, None, lo_open=True)
-        _check_choice("lstm.update_param", self.update_param, ("direct", "precond"))
+        _check_choice("lstm.update_param", self.update_param, UPDATE_PARAMS)
         _check_range("lstm.update_scale", self.update_scale, 0, None, lo_open=True)
         _check_range("lstm.precond_lr", self.precond_lr, 0, 1.0, lo_open=True)
         _check_range("lstm.precond_range", self.precond_range, 0, 20.0)
         _check_range("lstm.update_clamp", self.update_clamp, 0, None, lo_open=True)
         _check_range("lstm.lr_min", self.lr_min, 0, None, lo_open=True)
         _check_range("lstm.lr_max", self.lr_max, self.lr_min, None, lo_open=True)
-        _check_choice("lstm.lr_param", self.lr_param, ("clamp", "log_sigmoid"))
+        _check_choice("lstm.lr_param", self.lr_param, LR_PARAMS)
         _check_range("lstm.lr_init", self.lr_init, self.lr_min, self.lr_max)
 
 
@@ -191,13 +207,13 @@ class TeleportConfig:
     compute_dtype: str = "float64"
 
     def validate(self) -> None:
-        _check_choice("teleport.action", self.action, ("inverse", "linearised"))
-        _check_choice("teleport.param", self.param, ("I+T", "exp"))
+        _check_choice("teleport.action", self.action, LEARNED_ACTIONS)
+        _check_choice("teleport.param", self.param, GROUP_PARAMS)
         _check_range("teleport.magnitude", self.magnitude, 0, 1.0)
-        _check_choice("teleport.magnitude_mode", self.magnitude_mode, ("fixed", "learned"))
-        _check_choice("teleport.order", self.order, ("update_then_teleport", "teleport_then_update"))
+        _check_choice("teleport.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
+        _check_choice("teleport.order", self.order, ORDERS)
         _check_range("teleport.every", self.every, 1, 10**9, integer=True)
-        _check_choice("teleport.compute_dtype", self.compute_dtype, ("float64", "same"))
+        _check_choice("teleport.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass
@@ -230,7 +246,7 @@ class MetaConfig:
 
     def validate(self) -> None:
         _check_range("meta.unroll", self.unroll, 1, 10**6, integer=True)
-        _check_choice("meta.meta_loss", self.meta_loss, ("sum", "log", "mean_ratio"))
+        _check_choice("meta.meta_loss", self.meta_loss, META_LOSSES)
         _check_range("meta.decay", self.decay, 0, 1.0, lo_open=True)
         if not isinstance(self.first_order, bool):
             raise ValueError(f"meta.first_order = {self.first_order!r} must be true or false")
@@ -251,6 +267,15 @@ class TrainConfig:
       or ``"cuda:N"``.
     out: checkpoint folder.
     save_every: write the checkpoint every this many meta-batches (and at the end, and on Ctrl-C).
+    select_every: keep the meta-parameters that do best on held-out training problems, checked every this
+      many meta-batches and at the end (0: off, the final meta-parameters are the result). Evaluation and
+      ``LearnedOptimizer.from_checkpoint`` use the selected ones; training goes on from the current ones.
+    select_trajectories: held-out problems of that check (seeds of the training stream that no
+      meta-batch uses, never evaluation seeds).
+    select_horizon: the check runs ``select_horizon`` times the training horizon; the score is the mean
+      ``log L`` over the problems and the steps of the training horizon (what meta-training optimises)
+      plus a large penalty per problem whose loss is non-finite or spikes above 10x its running minimum
+      at any step of the check: stability beyond the horizon is required.
     drop_diverged: when some trajectories of a meta-batch diverge (non-finite weights or loss), go on with
       the others (True) instead of abandoning the whole meta-batch (False: the behaviour before this
       option; data-parallel runs always abandon it). With many trajectories per meta-batch, abandoning
@@ -263,6 +288,9 @@ class TrainConfig:
     device: str = "auto"
     out: str = "checkpoints"
     save_every: int = 10
+    select_every: int = 0
+    select_trajectories: int = 16
+    select_horizon: float = 3.0
     drop_diverged: bool = True
 
     def validate(self) -> None:
@@ -275,6 +303,9 @@ class TrainConfig:
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"train.out = {self.out!r} must be a folder path")
         _check_range("train.save_every", self.save_every, 1, 10**9, integer=True)
+        _check_range("train.select_every", self.select_every, 0, 10**9, integer=True)
+        _check_range("train.select_trajectories", self.select_trajectories, 1, 10**6, integer=True)
+        _check_range("train.select_horizon", self.select_horizon, 1.0, 100.0)
         if not isinstance(self.drop_diverged, bool):
             raise ValueError(f"train.drop_diverged = {self.drop_diverged!r} must be true or false")
 

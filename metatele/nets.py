@@ -104,7 +104,11 @@ def ce_loss(weights: Sequence[Tensor], X: Tensor, labels: Tensor, *, slope: floa
 
     ``labels``: integer classes, shape ``(..., b)`` or ``(b,)``.
     """
-    logits = forward(weights, X, slope=slope, bias=bias)  # (..., C, b)
+    return ce_loss_from_logits(forward(weights, X, slope=slope, bias=bias), labels)
+
+
+def ce_loss_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of logits ``(..., C, b)`` against integer labels ``(..., b)`` / ``(b,)``, mean over ``b``."""
     logp = torch.log_softmax(logits, dim=-2)
     labels = labels.expand(*logits.shape[:-2], labels.shape[-1]).long()
     nll = -torch.gather(logp, -2, labels.unsqueeze(-2)).squeeze(-2)

@@ -53,10 +53,24 @@ def grad_norm_sq(weights: Sequence[Tensor], X: Tensor, Y: Tensor, *, loss: str =
     (needed to ascend it over a group element).
     """
     with torch.enable_grad():
-        ws = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
+        ws, wrt = partial_inputs(weights)
         L = loss_fn(loss)(ws, X, Y, slope=slope, bias=bias)
-        grads = torch.autograd.grad(L.sum(), ws, create_graph=create_graph)
+        grads = torch.autograd.grad(L.sum(), wrt, create_graph=create_graph)
     return sum(g.pow(2).sum(dim=(-2, -1)) for g in grads)
+
+
+def partial_inputs(weights: Sequence[Tensor]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """``(ws, wrt)`` such that ``autograd.grad(f(ws), wrt)`` is the *partial* gradient of ``f`` in each weight.
+
+    Weights that are themselves functions of one another (the output of a group action: ``W_1' `` depends on
+    ``W_0'`` through the hidden layer the action reads) would give total derivatives if differentiated
+    directly; a zero perturbation per weight, ``ws_i = W_i + 0_i``, isolates each one while keeping ``ws``
+    differentiable in whatever ``W`` depends on."""
+    if not any(w.requires_grad for w in weights):
+        ws = tuple(w.detach().requires_grad_() for w in weights)
+        return ws, ws
+    zeros = tuple(torch.zeros_like(w, requires_grad=True) for w in weights)
+    return tuple(w + z for w, z in zip(weights, zeros)), zeros
 
 
 def _draw(shape, generator, kind: str, dtype, device) -> Tensor:

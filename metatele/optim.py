@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from .nets import from_sequential
 from .symmetry.actions import transform
-from .teleport import TeleportReport, teleport
+from .teleport import RULES, TeleportReport, teleport
 
 __all__ = ["STATE_POLICIES", "VELOCITY_KEYS", "STATISTIC_KEYS", "P2_OPTIMIZERS", "TeleportSchedule",
            "TeleportSettings", "TeleportEvent", "TeleportingOptimizer", "make_optimizer",
@@ -141,35 +141,56 @@ class TeleportSchedule:
 
 @dataclass
 class TeleportSettings:
-    """How to teleport (arguments of :func:`metatele.teleport.teleport`); P2's Fig. 5 values as defaults:
-    gradient-norm ascent, 10 steps, teleport lr 5e-2 (momentum, RMSProp, Adam; 1e-4 for SGD and AdaGrad),
-    cross-entropy, exact inverse-form action with ``g = I + T``."""
+    """How to teleport (arguments of :func:`metatele.teleport.teleport`): gradient-norm ascent, 10 steps,
+    cross-entropy, exact inverse-form action with ``g = I + T``.
+
+    The step rule defaults to metatele's safe one (``rule=None``: normalised steps of length ``lr``, default 0.1,
+    with backtracking; docs/mathematics.md, section 5); P2's raw rule and learning rates (P2 Fig. 5: 5e-2 for
+    momentum, RMSProp, Adam; 1e-4 for SGD and AdaGrad) come from :func:`p2_teleport_config` (``rule="raw"``).
+    ``max_step_norm``, ``loss_tol``, ``max_cond``: the guards of :func:`metatele.teleport.teleport_weights`
+    (``None``: its defaults)."""
 
     objective: str = "grad_norm"
     maximize: bool = True
     loss: str = "ce"
     steps: int = 10
-    lr: float = 5e-2
+    lr: float | None = None
     cap: float | None = None
     action: str = "inverse"
     param: str = "I+T"
     objective_kwargs: dict | None = None
+    rule: str | None = None
+    max_step_norm: float | None = None
+    loss_tol: float | None = None
+    max_cond: float | None = None
 
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"teleport steps must be >= 0, got {self.steps}")
-        if not (math.isfinite(self.lr) and self.lr >= 0):
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"teleport lr must be a finite number >= 0, got {self.lr}")
+        if self.rule is not None and self.rule not in RULES:
+            raise ValueError(f"unknown teleport rule {self.rule!r}; allowed: {RULES}")
+
+    def teleport_kwargs(self) -> dict:
+        """The keyword arguments of :func:`metatele.teleport.teleport` these settings stand for."""
+        kw = dict(objective=self.objective, loss=self.loss, steps=self.steps, lr=self.lr, maximize=self.maximize,
+                  cap=self.cap, action=self.action, param=self.param, objective_kwargs=self.objective_kwargs,
+                  rule=self.rule, max_step_norm=self.max_step_norm, loss_tol=self.loss_tol)
+        if self.max_cond is not None:
+            kw["max_cond"] = self.max_cond
+        return kw
 
 
 def p2_teleport_config(name: str, base_lr: float = 1e-2) -> tuple[TeleportSchedule, TeleportSettings]:
     """P2's schedule and settings for optimiser ``name`` (P2 Fig. 5): 8 teleports at the start of epoch 0
     (momentum, RMSProp, Adam; teleport lr 5e-2) or epoch 2 (SGD, AdaGrad; teleport lr 1e-4), 10 ascent steps
-    on the squared gradient norm, each on a fresh batch of 200 training samples."""
+    on the squared gradient norm with P2's raw rule ``T = lr dS/dT`` (``rule="raw"``; metatele's guards stay on),
+    each on a fresh batch of 200 training samples."""
     if name not in P2_TELEPORT:
         raise ValueError(f"unknown optimiser {name!r}; allowed: {sorted(P2_TELEPORT)}")
     epochs, lr = P2_TELEPORT[name]
-    return TeleportSchedule(epochs=epochs, per_epoch=8, batch_size=200), TeleportSettings(lr=lr)
+    return TeleportSchedule(epochs=epochs, per_epoch=8, batch_size=200), TeleportSettings(lr=lr, rule="raw")
 
 
 @dataclass
@@ -190,6 +211,8 @@ class TeleportEvent:
     transformed_keys: list[str] = field(default_factory=list)
     kept_keys: list[str] = field(default_factory=list)
     composition_error: float | None = None
+    rule: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -303,9 +326,7 @@ class TeleportingOptimizer:
                                "skipped: non-finite weights", self.state_policy, time.perf_counter() - t0)
             self.events.append(ev)
             return ev
-        report = teleport(self.model, inputs, targets, objective=s.objective, loss=s.loss, steps=s.steps,
-                          lr=s.lr, maximize=s.maximize, cap=s.cap, action=s.action, param=s.param,
-                          objective_kwargs=s.objective_kwargs, generator=self.generator)
+        report = teleport(self.model, inputs, targets, generator=self.generator, **s.teleport_kwargs())
         transformed, kept, comp_err = self._apply_policy(W_before, inputs, report, slope, bias)
         seconds = time.perf_counter() - t0
         self.teleport_seconds += seconds
@@ -314,7 +335,7 @@ class TeleportingOptimizer:
         ev = TeleportEvent(epoch, batch_index, self.step_count, f(report.loss_before), f(report.loss_after),
                            f(report.objective_before), f(report.objective_after),
                            int(report.steps_taken.max()), report.exactness.verdict, self.state_policy, seconds,
-                           transformed, kept, comp_err)
+                           transformed, kept, comp_err, report.rule, report.rejections())
         self.events.append(ev)
         return ev
 

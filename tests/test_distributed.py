@@ -15,7 +15,7 @@ import torch
 
 from metatele.checkpoint import load_checkpoint
 from metatele.meta import MetaTrainer
-from metatele.meta.distributed import (attach, env_world, init_distributed, resolve_backend,
+from metatele.meta.distributed import (env_world, init_distributed, make_trainer, resolve_backend,
                                        resolve_device, shard)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -163,7 +163,7 @@ def test_environment_parsing_and_missing_rendezvous():
         init_distributed("cpu", "auto", environ={"RANK": "0", "WORLD_SIZE": "2"})
     ctx = init_distributed("cpu", "auto", environ={})  # alone: no process group, no-op collectives
     assert not ctx.distributed and ctx.is_main and not torch.distributed.is_initialized()
-    tr = attach(MetaTrainer("lstm_update", tiny_config(), device=ctx.device), ctx)
+    tr = make_trainer("lstm_update", tiny_config(), ctx)
     assert tr.grad_hook is None and tr.window_hook is None and tr.stop_hook is None
     ctx.close()
 

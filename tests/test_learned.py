@@ -1,4 +1,5 @@
 """metatele.learned: LSTM meta-optimisers, preprocessing, the learned teleport and LearnedOptimizer."""
+import copy
 import math
 
 import pytest
@@ -201,3 +202,33 @@ def test_deferred_weight_gradients_equal_autograd(name, arch):
     w.grad = torch.ones_like(w)
     deferred_linear(x, w).sum().backward()
     assert torch.allclose(w.grad, 1 + torch.ones(2, 3, dtype=torch.float64).T @ x)
+
+
+def test_learned_optimizer_teleport_validates_inputs_and_guards(tmp_path):
+    """Issue 9.3: bad inputs to LearnedOptimizer.teleport give a ValueError / TypeError naming the argument;
+    a teleport that would not keep the outputs (batch larger than the widths) is refused and explained."""
+    path, _ = _tiny_ckpt(tmp_path, "lstm_update_tele")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), nn.LeakyReLU(0.1), nn.Linear(4, 3, bias=False))
+    xb, yb = torch.rand(4, 5), torch.rand(4, 3)
+    opt = LearnedOptimizer.from_checkpoint(path, model.parameters())
+    opt.zero_grad()
+    (0.5 * (model(xb) - yb).pow(2).sum()).backward()
+    opt.step()
+    with pytest.raises(ValueError, match="inputs is an empty batch"):
+        opt.teleport(model, torch.rand(0, 5))
+    bad = xb.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="inputs contain NaN or inf"):
+        opt.teleport(model, bad)
+    with pytest.raises(ValueError, match="inputs have 6 features per sample"):
+        opt.teleport(model, torch.rand(4, 6))
+    with pytest.raises(TypeError, match="model parameters are torch.float16"):
+        opt.teleport(copy.deepcopy(model).half(), xb.half())
+    # batch 40 > hidden width 4: the action is approximate, the outputs would move; the model is left alone
+    big = torch.rand(40, 5)
+    W0 = [p.detach().clone() for p in model.parameters()]
+    assert opt.teleport(model, big) is False
+    assert "outputs on the batch would move" in opt.last_teleport_rejected
+    assert all(torch.equal(a, p) for a, p in zip(W0, model.parameters()))
+    assert opt.teleport(model, xb) is True and opt.last_teleport_rejected is None

@@ -283,3 +283,66 @@ def test_diverged_trajectories_are_dropped_not_the_meta_batch():
     assert p.dropped == 1 and p.diverged == 0 and not r["diverged"] and ts[-1] == 9
     p, r, ts = run(False)
     assert p.dropped == 0 and p.diverged == 1 and r["diverged"] and ts[-1] < 9
+
+
+def test_selection_keeps_the_best_meta_parameters(tmp_path):
+    """train.select_every: the trainer scores its meta-parameters on held-out training-stream problems
+    and keeps the best; checkpoints carry them, evaluation loads them, resume restores them."""
+    from metatele.checkpoint import load_checkpoint
+    from metatele.meta.evaluate import load_method
+
+    cfg = tiny_config(train__select_every=1, train__select_trajectories=2, train__select_horizon=1.5)
+    tr = MetaTrainer("lstm_update", cfg)
+    scores = []
+    orig = tr.selection_score
+    tr.selection_score = lambda: scores.append(orig()) or scores[-1]
+    tr.run_meta_batch()
+    tr.run_meta_batch()
+    assert len(scores) == 2 and tr.best["score"] == min(scores)
+    assert set(tr.selection_seeds()).isdisjoint(set(tr.seeds_for(0) + tr.seeds_for(1)))
+    assert all(s % 2 == 0 for s in tr.selection_seeds())  # training stream, never evaluation seeds
+    tr.save(tmp_path / "a.pt")
+    ck = load_checkpoint(tmp_path / "a.pt")
+    m, _, _ = load_method(tmp_path / "a.pt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ck["best"]["meta_params"][k])
+    tr2 = MetaTrainer("lstm_update", cfg)
+    tr2.load_payload(ck)
+    assert tr2.best["score"] == tr.best["score"] and tr2.best["meta_batch"] == tr.best["meta_batch"]
+
+
+def test_inner_gradient_is_partial_after_a_two_hidden_layer_teleport():
+    """After a teleport of a two-hidden-layer network the later weights are functions of the earlier
+    ones; the steppers must still hand the update the partial derivatives (those of detached weights)."""
+    from metatele.learned.teleport import apply_learned_teleport
+    from metatele.nets import mse_loss
+
+    prob = regression_batch([5, 6, 5, 5, 4], train_seeds(2), dtype=torch.float64)
+    W = tuple(w.clone().requires_grad_(True) for w in prob.weights)
+    gen = torch.Generator().manual_seed(0)
+    Ts = [0.05 * torch.randn(2, 5, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    Wt = apply_learned_teleport(W, prob.X, Ts)  # W_2' depends on W_1'
+    lf = lambda w: mse_loss(w, prob.X, prob.Y)  # noqa: E731
+    wd = tuple(w.detach().requires_grad_(True) for w in Wt)
+    ref = torch.autograd.grad(lf(wd).sum(), wd)
+    for stepper in (AutogradStepper(first_order=True), AutogradStepper(first_order=False),
+                    HigherStepper(3, first_order=True), HigherStepper(3, first_order=False)):
+        _, g = stepper.grad(Wt, lf)
+        for a, b in zip(g, ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+        _, _, g2 = stepper.step(Wt, lf, lambda w, g: tuple(x - 1e-3 * y for x, y in zip(w, g)))
+        for a, b in zip(g2, ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_selection_score_penalises_instability_beyond_the_horizon():
+    from metatele.meta.trainer import selection_score
+
+    good = torch.tensor([[100.0, 10.0, 5.0, 4.0, 3.0, 3.0]]).repeat(4, 1)
+    fast_then_spike = good.clone() * 0.5
+    fast_then_spike[0, 5] = 1e3  # one problem spikes after the horizon (3 steps)
+    assert selection_score(fast_then_spike, 3) > selection_score(good, 3)
+    assert selection_score(good * 0.5, 3) < selection_score(good, 3)  # faster within the horizon wins
+    nan = good.clone()
+    nan[1, 4] = float("nan")
+    assert selection_score(nan, 3) > selection_score(good, 3) + 10

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import check_output_dir
 from ..data import DATASETS, DataSplits, DatasetNotFoundError, Split, iterate_minibatches, load_dataset
 from ..nets import init_linear, to_sequential
 from ..optim import TeleportingOptimizer
@@ -211,8 +212,6 @@ def cli_main(argv, parser: argparse.ArgumentParser, run: Callable, figure: str,
     files, so the command selects matplotlib's non-interactive ``Agg`` backend (importing
     :mod:`metatele.plots` does not), and ``--help`` ends with the papers behind the short names P1 and P2."""
     import matplotlib
-
-    from ..checkpoint import check_output_dir
 
     matplotlib.use("Agg")
     if parser.epilog is None:

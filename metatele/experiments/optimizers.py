@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teleports", type=int, default=8, help="teleports in the teleport epoch (P2: 8)")
     p.add_argument("--teleport-steps", type=int, default=10, help="ascent steps per teleport (P2: 10)")
     p.add_argument("--teleport-lr", type=float, default=None, help="override P2's per-optimiser teleport lr")
+    p.add_argument("--teleport-rule", default="raw", choices=("raw", "normalized"),
+                   help="raw: P2's T = lr dS/dT (default, reproduces the paper); normalized: metatele's "
+                        "scale-free steps of ||T|| = lr (default 0.1 unless --teleport-lr)")
     p.add_argument("--teleport-epoch", type=int, default=None, help="override P2's per-optimiser epoch")
     p.add_argument("--state-policy", default="reset", choices=STATE_POLICIES)
     p.add_argument("--shuffle", action="store_true", help="shuffle the training set every epoch")
@@ -60,6 +63,9 @@ def run(args) -> dict:
         schedule, settings = p2_teleport_config(name, base_lr)
         schedule.batch_size, schedule.per_epoch = args.teleport_batch, args.teleports
         settings.steps = args.teleport_steps
+        settings.rule = args.teleport_rule
+        if args.teleport_rule != "raw":
+            settings.lr = None  # the rule's default step length; P2's raw learning rates mean nothing here
         if args.teleport_lr is not None:
             settings.lr = args.teleport_lr
         if args.teleport_epoch is not None:
@@ -67,7 +73,7 @@ def run(args) -> dict:
         if args.quick:
             schedule.epochs = tuple(min(e, args.epochs - 1) for e in schedule.epochs)
         entry = {"lr": base_lr * P2_OPTIMIZERS[name][1], "teleport_epochs": list(schedule.epochs),
-                 "teleport_lr": settings.lr, "baseline": [], "teleport": []}
+                 "teleport_lr": settings.lr, "teleport_rule": settings.rule, "baseline": [], "teleport": []}
         for r in range(args.runs):
             seed = args.seed + r
             for with_teleport in (False, True):

@@ -52,8 +52,9 @@ def train(weights, X, Y, method: str, teleport: bool, args) -> dict:
     inputs, targets = X.T.contiguous(), Y.T.contiguous()
     if teleport:
         schedule = TeleportSchedule(epochs=(), per_epoch=0, steps=tuple(args.teleport_at), batch_size=inputs.shape[0])
-        settings = TeleportSettings(objective="grad_norm", loss="mse", steps=tele_steps, lr=tele_lr * args.teleport_lr_scale,
-                                    action=args.action, cap=args.cap)
+        # P1's raw ascent rule, explicitly (metatele's default is the normalised rule)
+        settings = TeleportSettings(objective="grad_norm", loss="mse", steps=tele_steps,
+                                    lr=tele_lr * args.teleport_lr_scale, rule="raw", action=args.action, cap=args.cap)
         wrapped = TeleportingOptimizer(model, opt, schedule=schedule, settings=settings,
                                        batches=lambda: (inputs, targets), state_policy=args.state_policy)
     else:

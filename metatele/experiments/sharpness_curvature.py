@@ -67,7 +67,7 @@ def settings_for(variant: str, dataset: str, args) -> tuple[TeleportSchedule, Te
     schedule = TeleportSchedule(epochs=(args.teleport_epoch,), per_epoch=N_TELEPORTS[variant],
                                 batch_size=args.teleport_batch)
     settings = TeleportSettings(objective=objective, maximize=(sign == "+"), loss="ce", steps=STEPS[objective],
-                                lr=TELEPORT_LR[dataset][variant],
+                                lr=TELEPORT_LR[dataset][variant], rule="raw",
                                 param="exp" if objective == "curvature" else "I+T", objective_kwargs=kwargs)
     return schedule, settings
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import METHODS, LSTMConfig, MetaConfig, TeleportConfig
+from ..config import METHODS, LSTMConfig, TeleportConfig
 from ..nets import flatten, unflatten
 from .any_size import NeuronwiseTeleportLSTM
 from .lstm import CoordinateUpdateLSTM, LrTeleportLSTM, StackedLSTM, TeleportLSTM, UpdateLSTM, detach_state
@@ -147,18 +147,6 @@ class LearnedMethod(nn.Module):
         return {"method": self.name, "shapes": [list(s) for s in self.shapes],
                 "update_arch": self.lstm_cfg.update_arch if self.learn_update else None,
                 "param_shapes": {k: list(v.shape) for k, v in self.state_dict().items()}}
-
-    def param_groups(self, meta: MetaConfig) -> list[dict]:
-        """Adam parameter groups: update LSTM at ``meta.lr_update``, teleport LSTMs at ``meta.lr_teleport``
-        (``meta.lr_lr_teleport`` for the LrTeleportLSTM)."""
-        groups = []
-        if self.update_net is not None:
-            groups.append({"params": list(self.update_net.parameters()), "lr": meta.lr_update,
-                           "name": "update"})
-        if self.tele_nets is not None:
-            lr = meta.lr_lr_teleport if self.learn_lr else meta.lr_teleport
-            groups.append({"params": list(self.tele_nets.parameters()), "lr": lr, "name": "teleport"})
-        return groups
 
     def defer_weight_grads(self, enabled: bool = True) -> "LearnedMethod":
         """Form the LSTM weights' gradients once per backward pass (:mod:`metatele.learned.deferred`):

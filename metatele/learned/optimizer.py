@@ -25,9 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import ProblemMismatch
-from ..nets import from_sequential, to_sequential
+from ..nets import forward, from_sequential, to_sequential
+from ..teleport import default_loss_tol
 from .methods import LearnedMethod
 from .teleport import action_dtype, apply_learned_teleport
+from .loading import load_method
 
 __all__ = ["LearnedOptimizer"]
 
@@ -57,13 +59,12 @@ class LearnedOptimizer:
             self.state["update"] = method.update_net.init_state(1, dt, self.params[0].device,
                                                                 n_params=self._n_params)
         self._last_grads: tuple[Tensor, ...] | None = None
+        self.last_teleport_rejected: str | None = None
         self.steps = 0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, params: Iterable[Tensor]) -> "LearnedOptimizer":
         """Load a ``train_meta.py`` checkpoint (typed :mod:`metatele.checkpoint` errors on failure)."""
-        from ..meta.evaluate import load_method
-
         method, _, _ = load_method(path)
         return cls(params, method)
 
@@ -104,21 +105,63 @@ class LearnedOptimizer:
 
         The teleport LSTM reads the gradients of the last :meth:`step` (P2's order: update, then
         teleport). Returns False (and does nothing) for a method without a learned teleport.
+
+        Guarded like :func:`metatele.teleport.teleport`: ``inputs`` must be a non-empty, finite, floating-point
+        ``(batch, features)`` tensor matching the model's input width, and the model float32 or float64 with
+        finite weights (``TypeError`` / ``ValueError`` naming the argument otherwise). A teleport whose weights
+        would be non-finite, or whose outputs on ``inputs`` would move by more than
+        :func:`metatele.teleport.default_loss_tol` of the model's dtype (relative, in norm; an exact action keeps
+        them; the linearised action is allowed its second-order error, ``10 magnitude^2``), is not applied: the model is left unchanged, False is returned and
+        :attr:`last_teleport_rejected` says why (``None`` after an applied teleport).
         """
         if self.method.tele_nets is None:
             return False
         if self._last_grads is None:
             raise ValueError("call step() before teleport(): the teleport LSTM reads the step's gradients")
         weights, slope, bias = from_sequential(model)
+        if weights[0].dtype in (torch.float16, torch.bfloat16) or not weights[0].is_floating_point():
+            raise TypeError(f"model parameters are {weights[0].dtype}: teleport needs float32 or float64; call "
+                            f"model.float() first")
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        if inputs.dim() < 2 or not inputs.is_floating_point():
+            raise (TypeError if inputs.dim() >= 2 else ValueError)(
+                f"inputs must be a floating-point (batch, features...) tensor, got shape {tuple(inputs.shape)} "
+                f"{inputs.dtype}")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"inputs is an empty batch (shape {tuple(inputs.shape)}): a teleport needs at least "
+                             f"one sample")
+        X = inputs.detach().reshape(inputs.shape[0], -1).T.to(weights[0].dtype)  # columns (features, b)
+        d_in = weights[0].shape[-1] - (1 if bias else 0)
+        if X.shape[0] != d_in:
+            raise ValueError(f"inputs have {X.shape[0]} features per sample but the model's first layer takes "
+                             f"{d_in}")
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("inputs contain NaN or inf")
+        if not all(bool(torch.isfinite(w).all()) for w in weights):
+            raise ValueError("model parameters contain NaN or inf: there is no level set to move along")
         grads = self._layer_grads(model) if bias else self._last_grads
         Ts, self.state = self.method.propose_teleport(grads, self.state)
-        X = inputs.detach().reshape(inputs.shape[0], -1).T.to(weights[0].dtype)  # columns (features, b)
         c = self.method.tele_cfg
         Xa = torch.cat([X, torch.ones(1, X.shape[1], dtype=X.dtype, device=X.device)]) if bias else X
         X_pinv = torch.linalg.pinv(Xa.to(action_dtype(X.dtype, c.compute_dtype)))
         new = apply_learned_teleport(weights, X, [T[0].to(weights[0].dtype) for T in Ts], action=c.action,
                                      param=c.param, compute_dtype=c.compute_dtype, X_pinv=X_pinv,
                                      slope=slope, bias=bias)
+        self.last_teleport_rejected = None
+        if not all(bool(torch.isfinite(w).all()) for w in new):
+            self.last_teleport_rejected = "non-finite weights"
+            return False
+        out0 = forward(weights, X, slope=slope, bias=bias).double()
+        out1 = forward(new, X, slope=slope, bias=bias).double()
+        change = float(torch.linalg.norm(out1 - out0) / torch.linalg.norm(out0).clamp_min(1e-300))
+        tol = default_loss_tol(weights[0].dtype)
+        if c.action == "linearised":  # P2's first-order action: its error O(||T||^2) is by design
+            tol = max(tol, 10 * c.magnitude ** 2)
+        if not change <= tol:
+            self.last_teleport_rejected = (f"outputs on the batch would move by {change:.3g} relative (> {tol:.3g}): "
+                                           f"the action is not exact on this batch")
+            return False
         to_sequential(new, model)
         return True
 

@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["PREPROCESS", "preprocess", "preprocessed_width"]
+from ..config import PREPROCESS
 
-PREPROCESS = ("none", "scale", "log_sign")
+__all__ = ["PREPROCESS", "preprocess", "preprocessed_width"]
 
 
 def log_sign(g: Tensor, p: float = 10.0) -> tuple[Tensor, Tensor]:

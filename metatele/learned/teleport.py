@@ -14,12 +14,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..config import COMPUTE_DTYPES, LEARNED_ACTIONS
 from ..nets import DEFAULT_SLOPE
 from ..symmetry import group_element, transform
 
 __all__ = ["LEARNED_ACTIONS", "apply_learned_teleport", "action_dtype"]
-
-LEARNED_ACTIONS = ("inverse", "linearised")
 
 
 def action_dtype(dtype: torch.dtype, compute_dtype: str) -> torch.dtype:
@@ -28,7 +27,7 @@ def action_dtype(dtype: torch.dtype, compute_dtype: str) -> torch.dtype:
         return torch.float64
     if compute_dtype == "same":
         return dtype
-    raise ValueError(f"compute_dtype = {compute_dtype!r}; allowed: ['float64', 'same']")
+    raise ValueError(f"compute_dtype = {compute_dtype!r}; allowed: {list(COMPUTE_DTYPES)}")
 
 
 def _non_finite(weights: Sequence[Tensor], Ts: Sequence[Tensor | None]) -> Tensor | None:

@@ -52,90 +52,18 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import checkpoint as ckm
+from ..devices import env_world, resolve_device, shard
+from ..learned.loading import checkpoint_config
+from .trainer import MetaTrainer
+
 __all__ = ["shard", "resolve_device", "resolve_backend", "env_world", "DistContext", "init_distributed",
-           "distributed", "attach", "make_trainer", "resume_trainer", "BACKENDS"]
+           "distributed", "trainer_hooks", "make_trainer", "resume_trainer", "BACKENDS"]
 
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "ucc")
 
 
 # ---------------------------------------------------------------------------- pure helpers
-def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous share ``[lo, hi)`` of ``n`` items for ``rank`` of ``world_size`` (sizes differ by <= 1).
-
-    Raises ``ValueError`` when ``world_size > n`` (a rank would have no trajectory to unroll)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if n < 1:
-        raise ValueError(f"need at least one item to share, got n={n}")
-    if world_size > n:
-        raise ValueError(f"world size {world_size} is larger than the {n} trajectories of a meta-batch "
-                         f"(train.batch = {n}): use --batch >= {world_size} or fewer processes")
-    return rank * n // world_size, (rank + 1) * n // world_size
-
-
-def env_world(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment (``(0, 1, 0)`` when absent)."""
-    env = os.environ if environ is None else environ
-
-    def get(name: str, default: int) -> int:
-        v = env.get(name)
-        if v is None or v == "":
-            return default
-        try:
-            return int(v)
-        except ValueError:
-            raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
-
-    world = get("WORLD_SIZE", 1)
-    rank = get("RANK", 0)
-    local = get("LOCAL_RANK", rank if world > 1 else 0)
-    if world < 1:
-        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    if local < 0:
-        raise ValueError(f"LOCAL_RANK={local} must be >= 0")
-    return rank, world, local
-
-
-def resolve_device(spec: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
-    """The device of this process for ``spec`` in ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or
-    ``cuda:N``. ``cuda`` without an index means ``cuda:LOCAL_RANK`` (one GPU per rank on a machine;
-    ``local_rank`` default: the ``LOCAL_RANK`` environment variable, 0 when absent)."""
-    if spec is None:
-        spec = "auto"
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    if not isinstance(spec, str):
-        raise ValueError(f"device {spec!r} must be a string: auto, cpu, cuda or cuda:N")
-    s = spec.strip().lower()
-    if s == "auto":
-        s = "cuda" if torch.cuda.is_available() else "cpu"
-    if s == "cpu":
-        return torch.device("cpu")
-    if s == "cuda" or s.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r}: CUDA is not available on this machine "
-                             f"(torch.cuda.is_available() is False); use --device cpu or auto")
-        count = torch.cuda.device_count()
-        if s == "cuda":
-            if local_rank is None:
-                local_rank = env_world()[2]
-            idx = local_rank
-            if idx >= count:
-                raise ValueError(f"device 'cuda' for LOCAL_RANK={idx}, but this machine has {count} GPU(s): "
-                                 f"start at most {count} processes per machine (--nproc_per_node)")
-        else:
-            try:
-                idx = int(s.split(":", 1)[1])
-            except ValueError:
-                raise ValueError(f"device {spec!r}: the GPU index must be an integer (cuda:0)") from None
-            if not 0 <= idx < count:
-                raise ValueError(f"device {spec!r}: this machine has {count} GPU(s) (cuda:0 .. cuda:{count - 1})")
-        return torch.device("cuda", idx)
-    raise ValueError(f"device {spec!r}; allowed: auto, cpu, cuda, cuda:N")
-
-
 def resolve_backend(spec: str | None, device: torch.device) -> str:
     """``auto``: ``nccl`` for a CUDA device (when built with NCCL), else ``gloo``; or the named backend."""
     s = "auto" if spec is None else str(spec).strip().lower()
@@ -352,17 +280,15 @@ def distributed(device: str | torch.device | None = "auto", backend: str | None 
 
 
 # ---------------------------------------------------------------------------- trainers
-def attach(trainer, ctx: DistContext, *, broadcast: bool = True):
-    """Wire a :class:`~metatele.meta.MetaTrainer` (built with ``ctx.rank`` / ``ctx.world_size``) to the
-    world: meta-gradient averaging (``grad_hook``), collective decisions (``window_hook`` at the end of a
-    window, ``stop_hook`` inside it: a window stops where one process would stop) and, with ``broadcast``, rank 0's meta-parameters on every rank. Returns the trainer."""
-    if (trainer.rank, trainer.world_size) != (ctx.rank, ctx.world_size):
-        raise ValueError(f"trainer has rank {trainer.rank} of {trainer.world_size}, the context rank "
-                         f"{ctx.rank} of {ctx.world_size}")
+def trainer_hooks(ctx: DistContext, batch: int) -> dict[str, Any]:
+    """The constructor hooks of a :class:`~metatele.meta.MetaTrainer` in this world (none when alone):
+    meta-gradient averaging (``grad_hook``) and the collective decisions (``window_hook`` at the end of a
+    window, ``stop_hook`` inside it: a window stops where one process would stop). ``batch``: the global
+    meta-batch, shared by the ranks with :func:`~metatele.devices.shard`."""
     if not ctx.distributed:
-        return trainer
-    B = trainer.batch
-    weight = len(trainer.seeds_for(0)) / B
+        return {}
+    lo, hi = shard(batch, ctx.rank, ctx.world_size)
+    weight = (hi - lo) / batch
 
     def grad_hook(params):
         ctx.average_gradients(params, weight)
@@ -370,20 +296,17 @@ def attach(trainer, ctx: DistContext, *, broadcast: bool = True):
     def window_hook(meta_loss: float, stop: bool) -> tuple[float, bool]:
         return ctx.sync_window(meta_loss, stop, weight)
 
-    trainer.grad_hook = grad_hook
-    trainer.window_hook = window_hook
-    trainer.stop_hook = ctx.min_int
-    if broadcast:
-        ctx.broadcast_module(trainer.method)
-    return trainer
+    return {"grad_hook": grad_hook, "window_hook": window_hook, "stop_hook": ctx.min_int}
 
 
 def make_trainer(method_name: str, cfg, ctx: DistContext, **kwargs):
-    """A fresh :class:`~metatele.meta.MetaTrainer` for this rank, on ``ctx.device``, attached to ``ctx``."""
-    from .trainer import MetaTrainer
-
-    tr = MetaTrainer(method_name, cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, **kwargs)
-    return attach(tr, ctx)
+    """A fresh :class:`~metatele.meta.MetaTrainer` for this rank, on ``ctx.device``, wired to ``ctx``, with
+    rank 0's meta-parameters on every rank."""
+    tr = MetaTrainer(method_name, cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                     **trainer_hooks(ctx, cfg.batch_of(method_name)), **kwargs)
+    if ctx.distributed:
+        ctx.broadcast_module(tr.method)
+    return tr
 
 
 def resume_trainer(path, ctx: DistContext, *, trajectories: int | None = None, **kwargs):
@@ -391,10 +314,6 @@ def resume_trainer(path, ctx: DistContext, *, trajectories: int | None = None, *
 
     Rank 0 reads the checkpoint (``map_location='cpu'``) and broadcasts it, so the other ranks (on other
     machines too) need no copy of the file; a checkpoint error is raised on every rank."""
-    from .. import checkpoint as ckm
-    from ..config import config_from_dict
-    from .trainer import MetaTrainer
-
     ck, err = None, None
     if ctx.is_main:
         try:
@@ -404,13 +323,6 @@ def resume_trainer(path, ctx: DistContext, *, trajectories: int | None = None, *
     ck, err = ctx.broadcast_object((ck, err))
     if err is not None:
         raise getattr(ckm, err[0], ckm.CheckpointError)(err[1])
-    try:
-        cfg = config_from_dict(ck["config"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise ckm.CheckpointMismatch(f"{path} holds an unusable configuration: {e}") from None
-    if trajectories is not None:
-        cfg.methods[ck["method"]].trajectories = int(trajectories)
-        cfg.validate()
-    tr = MetaTrainer(ck["method"], cfg, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device, **kwargs)
-    tr.load_payload(ck, str(path))
-    return attach(tr, ctx, broadcast=False)  # every rank loaded the same payload
+    cfg = checkpoint_config(ck, path)
+    return MetaTrainer.resume(ck, trajectories=trajectories, rank=ctx.rank, world_size=ctx.world_size,
+                              device=ctx.device, **trainer_hooks(ctx, cfg.batch_of(ck["method"])), **kwargs)

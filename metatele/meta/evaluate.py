@@ -14,36 +14,16 @@ from typing import Any, Sequence
 import torch
 
 from ..baselines import run_gd
-from ..checkpoint import CheckpointMismatch, ProblemMismatch, check_arch, load_checkpoint
-from ..config import Config, EvalConfig, ProblemConfig, config_from_dict
-from ..learned.methods import LearnedMethod, weight_shapes
+from ..checkpoint import ProblemMismatch
+from ..config import EvalConfig, ProblemConfig
+from ..devices import resolve_device
+from ..learned.loading import DTYPES, load_method
+from ..learned.methods import weight_shapes
 from ..problems import eval_seeds, is_train_seed, regression_batch, train_seeds
-from .trainer import DTYPES, build_method
-from .distributed import resolve_device
 from .unroll import rollout
 
 __all__ = ["load_method", "resize_methods", "trained_seeds", "method_labels", "finite_or_none", "evaluate", "run_entry",
            "summary_table", "steps_to_reach"]
-
-
-def load_method(path: str | Path) -> tuple[LearnedMethod, Config, dict[str, Any]]:
-    """Rebuild the trained method of a checkpoint; typed :mod:`metatele.checkpoint` errors on failure."""
-    ck = load_checkpoint(path)
-    try:
-        cfg = config_from_dict(ck["config"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointMismatch(f"{path} holds an unusable configuration: {e}") from None
-    if list(cfg.problem.dims) != list(ck["dims"]):
-        raise ProblemMismatch(f"{path}: configuration dims {cfg.problem.dims} differ from the stored "
-                              f"dims {list(ck['dims'])}")
-    method = build_method(ck["method"], cfg)
-    check_arch(ck, method.arch(), str(path))
-    try:
-        method.load_state_dict(ck["meta_params"])
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointMismatch(f"{path} does not fit its meta-optimiser: {str(e).splitlines()[0][:150]}") from None
-    method.eval()
-    return method, cfg, ck
 
 
 def trained_seeds(ck: dict[str, Any]) -> list[int]:

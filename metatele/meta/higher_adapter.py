@@ -42,6 +42,16 @@ class _RuleOptimizer(higher.optim.DifferentiableOptimizer):
             group["params"][i] = p
 
 
+def independent(weights: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Views of the weights through which the loss's gradient is the *partial* derivative in each weight.
+
+    After a teleport of a network with two or more hidden layers, a weight is computed from the earlier
+    transformed weights, so ``autograd.grad(L, weights)`` would return total derivatives (through that
+    dependence) instead of the gradient the optimiser must see. A fresh view per weight is a new graph
+    node that nothing else depends on; the graph still flows through it to the weights' history."""
+    return tuple(w.view_as(w) for w in weights)
+
+
 def _detach_all(grads):
     return [None if g is None else g.detach() for g in grads]
 
@@ -66,7 +76,8 @@ class HigherStepper:
                                    track_higher_grads=True)
 
     def step(self, weights: Sequence[Tensor], loss_fn: LossFn, rule: Rule):
-        loss = loss_fn(tuple(weights))
+        weights = independent(weights)
+        loss = loss_fn(weights)
         seen: dict[str, tuple[Tensor, ...]] = {}
 
         def wrapped(params, grads):
@@ -83,7 +94,8 @@ class HigherStepper:
 
     def grad(self, weights: Sequence[Tensor], loss_fn: LossFn):
         """Loss and gradient alone (for a teleport before the update), same first/second-order rule."""
-        loss = loss_fn(tuple(weights))
+        weights = independent(weights)
+        loss = loss_fn(weights)
         g = torch.autograd.grad(loss.sum(), list(weights), create_graph=not self.first_order,
                                 retain_graph=True)
         return loss, (tuple(x.detach() for x in g) if self.first_order else tuple(g))
@@ -96,7 +108,8 @@ class AutogradStepper:
         self.first_order = bool(first_order)
 
     def grad(self, weights: Sequence[Tensor], loss_fn: LossFn):
-        loss = loss_fn(tuple(weights))
+        weights = independent(weights)
+        loss = loss_fn(weights)
         g = torch.autograd.grad(loss.sum(), list(weights), create_graph=not self.first_order,
                                 retain_graph=True)
         return loss, (tuple(x.detach() for x in g) if self.first_order else tuple(g))

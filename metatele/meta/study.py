@@ -36,9 +36,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, CheckpointLock, check_output_dir, load_checkpoint
 from ..config import METHODS, Config, config_from_dict, config_to_dict, load_config
 from .evaluate import evaluate, finite_or_none
+from .figures import LABELS
 from .trainer import MetaTrainer
 
 __all__ = ["apply_overrides", "seed_config", "train_seed", "curves_by_method", "compare", "spikes",
@@ -82,7 +83,14 @@ def seed_config(base: Config, k: int) -> Config:
 
 def train_seed(cfg: Config, method: str, path: Path, *, log=print) -> float:
     """Meta-train ``method`` into ``path`` (resuming an incomplete checkpoint, skipping a complete one).
-    Returns the meta-training wall time in seconds (from the checkpoint's progress)."""
+    Returns the meta-training wall time in seconds (from the checkpoint's progress). The checkpoint is
+    locked while it is trained (a second study process on the same seed stops with an error)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with CheckpointLock(path):
+        return _train_locked(cfg, method, path, log)
+
+
+def _train_locked(cfg: Config, method: str, path: Path, log) -> float:
     tr = MetaTrainer(method, cfg)
     if path.exists():
         ck = load_checkpoint(path)
@@ -198,8 +206,6 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: int, out: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .figures import LABELS
-
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for m, L in curves.items():
         per_seed = L.mean(1)
@@ -304,9 +310,8 @@ def main(argv=None) -> int:
     if args.eval_seeds < 1 or not args.horizon >= 1:
         return fail(f"--eval-seeds {args.eval_seeds} must be >= 1 and --horizon {args.horizon} >= 1")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return fail(f"--out {out} exists and is not a folder")
     try:
+        check_output_dir(out)
         cfg = load_config(args.config)
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), args.set))
         methods = args.methods or [m for m in METHODS if m in cfg.methods]

@@ -40,14 +40,17 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import check_arch, library_versions, load_checkpoint, save_checkpoint, CheckpointMismatch
-from ..config import Config, config_from_dict, config_to_dict
-from ..learned.methods import LearnedMethod, weight_shapes
+from ..config import Config, config_to_dict
+from ..devices import resolve_device, shard
+from ..learned.loading import DTYPES, build_method, checkpoint_config
+from ..learned.methods import LearnedMethod
 from ..problems import regression_batch, train_seeds
-from .unroll import STEPPERS, InnerState, run_window, start
+from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
-__all__ = ["Progress", "MetaTrainer", "build_method", "meta_optimizer", "grads_finite", "DTYPES"]
+__all__ = ["Progress", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite", "selection_score"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
+SELECT_OFFSET = 10**7
 
 
 @dataclass
@@ -65,14 +68,17 @@ class Progress:
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
 
 
-def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedMethod:
-    """Construct the LSTMs of ``name`` for ``cfg.problem.dims`` with parameters drawn from ``seed``
-    (default ``cfg.train.seed``) without touching the global RNG of the caller."""
-    seed = cfg.train.seed if seed is None else seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport)
-    return m.to(DTYPES[cfg.problem.dtype])
+def meta_param_groups(method: LearnedMethod, *, lr_update: float, lr_teleport: float,
+                      lr_lr_teleport: float) -> list[dict]:
+    """Adam parameter groups of a learned method (P2 section 6): the update LSTM at ``lr_update``, the
+    teleport LSTMs at ``lr_teleport`` (``lr_lr_teleport`` for LSTM(lr,tele)'s LrTeleportLSTMs)."""
+    groups = []
+    if method.update_net is not None:
+        groups.append({"params": list(method.update_net.parameters()), "lr": lr_update, "name": "update"})
+    if method.tele_nets is not None:
+        lr = lr_lr_teleport if method.learn_lr else lr_teleport
+        groups.append({"params": list(method.tele_nets.parameters()), "lr": lr, "name": "teleport"})
+    return groups
 
 
 def meta_optimizer(groups: list[dict]) -> torch.optim.Adam:
@@ -94,16 +100,29 @@ def grads_finite(grads: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
 
 
+def selection_score(L: torch.Tensor, horizon: int, spike_factor: float = 10.0) -> float:
+    """``L (problems, steps)``: mean over problems of the mean ``log L_t`` over the training horizon
+    ``t < horizon`` (what meta-training optimises), plus ``log 1e21`` times the fraction of problems whose
+    loss, at any of the steps (also beyond the horizon), is non-finite or above ``spike_factor`` times its
+    running minimum: stability beyond the horizon is required, not traded against speed."""
+    L = L.detach().double().cpu()
+    finite = torch.isfinite(L)
+    Lf = torch.where(finite, L.clamp_min(1e-30), torch.full_like(L, 1e21))
+    run_min = torch.cummin(Lf, dim=1).values
+    unstable = (~finite.all(1)) | (Lf[:, 1:] > spike_factor * run_min[:, :-1]).any(1)
+    return float(Lf[:, :horizon].log().mean() + math.log(1e21) * unstable.double().mean())
+
+
 class MetaTrainer:
     """Meta-trains ``method_name`` with configuration ``cfg``.
 
     rank, world_size: this process's place among data-parallel meta-trainers (seeds are split by them).
     grad_hook: called as ``grad_hook(list_of_meta_parameters)`` between ``backward()`` and the
       finiteness check and Adam step; the place for ``torch.distributed.all_reduce`` of ``p.grad``.
-    window_hook: ``(meta_loss, inner weights diverged) -> (meta_loss, diverged)`` after each window; and the
-      attribute ``stop_hook`` (``int -> int``, passed to ``run_window`` as ``stop_sync``): the
-      world-wide versions of the trainer's data-dependent decisions, set by
-      :func:`metatele.meta.distributed.attach`, so that every rank takes the branch one process would.
+    window_hook: ``(meta_loss, inner weights diverged) -> (meta_loss, diverged)`` after each window, and
+      stop_hook: ``int -> int``, passed to ``run_window`` as ``stop_sync``: the world-wide versions of the
+      trainer's data-dependent decisions (:func:`metatele.meta.distributed.trainer_hooks`), so that every
+      rank takes the branch one process would.
     device: overrides ``train.device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
     stepper: ``"higher"`` (default) or ``"autograd"`` (plain-tensor reference, same numbers).
     """
@@ -111,14 +130,13 @@ class MetaTrainer:
     def __init__(self, method_name: str, cfg: Config, *, rank: int = 0, world_size: int = 1,
                  grad_hook: Callable[[list[torch.nn.Parameter]], None] | None = None,
                  stepper: str = "higher", device: str | torch.device | None = None,
-                 window_hook: Callable[[float, bool], tuple[float, bool]] | None = None):
+                 window_hook: Callable[[float, bool], tuple[float, bool]] | None = None,
+                 stop_hook: Callable[[int], int] | None = None):
         if method_name not in cfg.methods:
             raise ValueError(f"method {method_name!r} has no [methods.{method_name}] counts; "
                              f"configured: {sorted(cfg.methods)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        from .distributed import resolve_device, shard
-
         self.batch = cfg.batch_of(method_name)  # global meta-batch: methods.<name>.batch or train.batch
         shard(self.batch, rank, world_size)  # clear error if world_size > the meta-batch
         if stepper not in ("higher", "autograd"):
@@ -127,14 +145,17 @@ class MetaTrainer:
         self.rank, self.world_size = rank, world_size
         self.grad_hook = grad_hook
         self.window_hook = window_hook
-        self.stop_hook: Callable[[int], int] | None = None
+        self.stop_hook = stop_hook
         self.stepper_kind = stepper
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
         self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(True)
-        self.opt = meta_optimizer(self.method.param_groups(cfg.meta))
+        m = cfg.meta
+        self.opt = meta_optimizer(meta_param_groups(self.method, lr_update=m.lr_update, lr_teleport=m.lr_teleport,
+                                                    lr_lr_teleport=m.lr_lr_teleport))
         self.progress = Progress()
         self.counts = cfg.methods[method_name]
+        self.best: dict[str, Any] | None = None  # selected meta-parameters (train.select_every)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -144,8 +165,6 @@ class MetaTrainer:
     def seeds_for(self, meta_batch: int) -> list[int]:
         """Training seeds of meta-batch ``meta_batch`` on this rank: its share of the ``train.batch`` seeds
         of the meta-batch (disjoint across ranks and steps; the union over ranks is one process's batch)."""
-        from .distributed import shard
-
         B = self.batch
         lo, hi = shard(B, self.rank, self.world_size)
         first = self.cfg.train.seed_offset + meta_batch * B + lo
@@ -220,12 +239,30 @@ class MetaTrainer:
                 diverged = True
                 break
         self.progress.meta_batch = i + 1
+        every = self.cfg.train.select_every
+        if every and ((i + 1) % every == 0 or i + 1 == self.n_meta_batches):
+            score = self.selection_score()
+            if self.best is None or score < self.best["score"]:
+                self.best = {"meta_params": copy.deepcopy(self.method.state_dict()), "score": score,
+                             "meta_batch": i + 1}
         self.progress.trajectories += self.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
         self.progress.wall += time.perf_counter() - t_begin
         mean = sum(metas) / len(metas) if metas else float("nan")
         self.progress.history.append(mean)
         return {"meta_batch": i, "meta_loss": mean, "diverged": diverged, "seeds": seeds}
+
+    def selection_seeds(self) -> list[int]:
+        """Held-out problems of the selection check: training-stream seeds far beyond any meta-batch's."""
+        return train_seeds(self.cfg.train.select_trajectories, start=self.cfg.train.seed_offset + SELECT_OFFSET)
+
+    def selection_score(self) -> float:
+        """Score of the current meta-parameters on the held-out problems (lower is better), run under
+        ``torch.no_grad`` for ``select_horizon x steps`` steps: :func:`selection_score` of the losses."""
+        prob = regression_batch(self.cfg.problem.dims, self.selection_seeds(), dtype=self.dtype, device=self.device)
+        H = max(1, int(round(self.cfg.train.select_horizon * self.counts.steps)))
+        L = rollout(self.method, prob.weights, prob.X, prob.Y, H)["loss"]
+        return selection_score(L, self.counts.steps)
 
     # ------------------------------------------------------------------ checkpoints
     def payload(self) -> dict[str, Any]:
@@ -237,6 +274,7 @@ class MetaTrainer:
             "config": config_to_dict(self.cfg),
             "meta_params": copy.deepcopy(self.method.state_dict()),
             "meta_optim": copy.deepcopy(self.opt.state_dict()),
+            "best": copy.deepcopy(self.best),
             "progress": asdict(copy.deepcopy(self.progress)),
             "distributed": {"rank": self.rank, "world_size": self.world_size},
             "rng": torch.get_rng_state(),
@@ -259,12 +297,15 @@ class MetaTrainer:
             raise CheckpointMismatch(f"{path} does not fit this meta-optimiser: "
                                      f"{str(e).splitlines()[0][:150]}") from None
         self.progress = Progress(**ck["progress"])
+        self.best = copy.deepcopy(ck.get("best"))
 
     @classmethod
     def resume(cls, path, *, trajectories: int | None = None, **kwargs) -> "MetaTrainer":
-        """Rebuild a trainer from a checkpoint (its own configuration), optionally with more trajectories."""
-        ck = load_checkpoint(path)
-        cfg = config_from_dict(ck["config"])
+        """Rebuild a trainer from a checkpoint (a path or a loaded checkpoint dict; its own configuration),
+        optionally with more trajectories; ``kwargs`` go to the constructor."""
+        ck = path if isinstance(path, dict) else load_checkpoint(path)
+        path = "checkpoint" if isinstance(path, dict) else path
+        cfg = checkpoint_config(ck, path)
         if trajectories is not None:
             cfg.methods[ck["method"]].trajectories = int(trajectories)
             cfg.validate()

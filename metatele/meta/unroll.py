@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..config import META_LOSSES
 from ..learned.methods import LearnedMethod
 from ..learned.teleport import action_dtype
 from ..nets import mse_loss
@@ -126,7 +127,7 @@ def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "
         elif kind == "mean_ratio":
             f = L / start_loss.detach()
         else:
-            raise ValueError(f"meta_loss kind {kind!r}; allowed: ['sum', 'log', 'mean_ratio']")
+            raise ValueError(f"meta_loss kind {kind!r}; allowed: {list(META_LOSSES)}")
         terms.append(decay ** (K - 1 - j) * f)
     return torch.stack(terms).sum(0).mean()
 
