@@ -1,8 +1,6 @@
 """The width- and depth-agnostic meta-optimiser (neuronwise teleport LSTM + coordinatewise update LSTM),
 problems with several hidden layers, and evaluation of a checkpoint on another problem size."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +14,8 @@ from metatele.config import config_from_dict
 from metatele.learned import LearnedMethod, LearnedOptimizer, NeuronwiseTeleportLSTM
 from metatele.learned.any_size import low_rank_T, neuron_features
 from metatele.learned.methods import weight_shapes
-from metatele.meta.evaluate import evaluate, load_method
+from metatele.meta.evaluate import evaluate
 from metatele.meta.trainer import MetaTrainer, build_method
-from metatele.meta.unroll import rollout
 from metatele.nets import mse_loss
 from metatele.problems import regression_batch
 
@@ -147,25 +144,28 @@ def test_learned_optimizer_moves_a_checkpoint_to_another_network(tmp_path):
         assert not torch.allclose(model[2].weight, w_before)
 
 
-def _run(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _eval_meta():
+    sys.path.insert(0, str(ROOT))
+    import eval_meta
+
+    return eval_meta.main
 
 
-def test_eval_meta_dims_flag(tmp_path):
+def test_eval_meta_dims_flag(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "f").mkdir()
     p_any = _ckpt(tmp_path / "a", "lstm_update", **ANY)
     p_full = _ckpt(tmp_path / "f", "lstm_update")
-    r = _run(str(ROOT / "eval_meta.py"), "--ckpt", str(p_any), "--dims", "4,5,8,8,3", "--seeds", "2",
-             "--steps", "3", "--out", str(tmp_path / "res"), "--threads", "1", "--no-plots", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    main = _eval_meta()
+    assert main(["--ckpt", str(p_any), "--dims", "4,5,8,8,3", "--seeds", "2", "--steps", "3",
+                 "--out", str(tmp_path / "res"), "--threads", "1", "--no-plots", "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "res" / "results.json").read_text())["dims"] == [4, 5, 8, 8, 3]
-    for dims, msg in ((["--dims", "4,5,8,8,3"], "fixed-size update LSTM"), (["--dims", "4,x,3"], "comma-separated")):
-        r = _run(str(ROOT / "eval_meta.py"), "--ckpt", str(p_full), *dims, "--out", str(tmp_path / "r2"),
-                 "--threads", "1", "--no-plots", "--device", "cpu")
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    capsys.readouterr()
+    for dims, msg in (("4,5,8,8,3", "fixed-size update LSTM"), ("4,x,3", "comma-separated")):
+        assert main(["--ckpt", str(p_full), "--dims", dims, "--out", str(tmp_path / "r2"), "--threads", "1",
+                     "--no-plots", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_transfer_benchmark_quick(tmp_path):
