@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Transfer of size-agnostic meta-optimisers to problems they were not trained on (docs/meta_learning.md, section 3).
+"""Transfer of size-agnostic meta-optimisers to problems they were not trained on (docs/meta_learning.md, section 3.1).
 
 Evaluates two checkpoints of ``configs/any_size.toml`` -- LSTM(update,tele) with the coordinatewise update
 and the neuronwise teleport LSTM, and the coordinatewise LSTM(update) alone, meta-trained the same way on

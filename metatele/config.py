@@ -130,7 +130,7 @@ class LSTMConfig:
     tele_arch: ``"full"`` (P2: one TeleportLSTM per hidden layer reading both whole gradient matrices
       around it; tied to the layer widths) or ``"neuronwise"`` (one small LSTM shared by every hidden
       neuron of every hidden layer, reading per-neuron gradient statistics; its outputs form a low-rank
-      plus diagonal ``T`` per layer: any width, any depth; docs/meta_learning.md, section 3).
+      plus diagonal ``T`` per layer: any width, any depth; docs/meta_learning.md, section 3.1).
     neuron_hidden: hidden size of the neuronwise teleport LSTM.
     neuron_rank: rank ``r`` of the off-diagonal part ``A B^T`` of the neuronwise ``T``.
     """

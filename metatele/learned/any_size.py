@@ -1,4 +1,4 @@
-"""A teleport LSTM for any layer width and any depth (docs/meta_learning.md, section 3).
+"""A teleport LSTM for any layer width and any depth (docs/meta_learning.md, section 3.1).
 
 P2's TeleportLSTM reads the two whole gradient matrices around a hidden layer of width ``k`` and writes a
 ``k x k`` matrix, so its parameters are tied to the widths. :class:`NeuronwiseTeleportLSTM` instead runs
