@@ -3,6 +3,11 @@
 
     python eval_meta.py --ckpt checkpoints/lstm_update_tele.pt --ckpt checkpoints/lstm_update.pt \\
                         --ckpt checkpoints/lstm_lr_tele.pt [--seeds 20] [--steps N] [--out results/]
+    python eval_meta.py --ckpt checkpoints/any_size/lstm_update_tele.pt --dims 20,40,40,20
+
+``--dims`` evaluates on another problem (any widths, any number of hidden layers) when every meta-optimiser
+is size-agnostic (coordinatewise update, neuronwise teleport); a fixed-size one (the paper's) is a one-line
+error.
 
 Every method runs on the same unseen initialisations (odd seeds) under torch.no_grad. Writes
 ``<out>/results.json`` (strict JSON: non-finite numbers are written as ``null``) and ``<out>/meta.png`` /
@@ -29,6 +34,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-plots", action="store_true", help="skip the figures")
+    ap.add_argument("--dims", default=None,
+                    help="evaluate on another problem, e.g. 20,40,40,20 ([batch, d_in, hidden..., d_out]); "
+                         "needs size-agnostic meta-optimisers (lstm.update_arch = coordinatewise, "
+                         "lstm.tele_arch = neuronwise)")
     ap.add_argument("--device", default="auto",
                     help="auto (a GPU when there is one, the default), cpu, cuda or cuda:N")
     return ap.parse_args(argv)
@@ -68,10 +77,18 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 1:
         print(f"eval_meta.py: error: --steps {args.steps} must be >= 1", file=sys.stderr)
         return 2
+    dims = None
+    if args.dims is not None:
+        try:
+            dims = [int(d) for d in args.dims.split(",")]
+        except ValueError:
+            print(f"eval_meta.py: error: --dims {args.dims!r} must be comma-separated integers, e.g. 20,40,40,20",
+                  file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     try:
         first_cfg = load_method(args.ckpt[0])[1]
-        res = evaluate(args.ckpt, seeds=args.seeds, steps=args.steps, device=args.device,
+        res = evaluate(args.ckpt, seeds=args.seeds, steps=args.steps, device=args.device, dims=dims,
                        progress=lambda n: print(f"evaluated {n}", file=sys.stderr))
     except CheckpointError as e:
         print(f"eval_meta.py: error: {e}", file=sys.stderr)

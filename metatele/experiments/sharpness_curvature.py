@@ -9,7 +9,7 @@ perturbations over P2's 20 radii, one direction each) and ``curvature+`` / ``cur
 term of docs/mathematics.md, section 4.4). Each variant teleports before the first ``n`` minibatches of the
 teleport epoch (P2: sharpness+ 2, sharpness- 10, curvature+ 10, curvature- 5) on fresh batches of 2000 training
 samples (clipped to the training-set size for small datasets), then SGD continues to ``--epochs`` (P2: 40).
-Teleport learning rates are P2's per dataset (digits use MNIST's). The validation loss is measured right before
+Teleport learning rates are P2's per dataset (digits and mnist5k use MNIST's). The validation loss is measured right before
 and right after every teleport, and at the end of every epoch.
 
     python -m metatele.experiments.sharpness_curvature --out results/sharpness_curvature
@@ -34,7 +34,7 @@ TELEPORT_LR = {
     "fashion_mnist": {"sharpness+": 3e-1, "sharpness-": 1e-1, "curvature+": 3e-3, "curvature-": 5e-3},
     "cifar10": {"sharpness+": 5e-2, "sharpness-": 5e-2, "curvature+": 5e-2, "curvature-": 2e-1},
 }
-TELEPORT_LR["digits"] = TELEPORT_LR["mnist"]
+TELEPORT_LR["digits"] = TELEPORT_LR["mnist5k"] = TELEPORT_LR["mnist"]
 #: P2's number of teleports (consecutive minibatches of the teleport epoch) per variant.
 N_TELEPORTS = {"sharpness+": 2, "sharpness-": 10, "curvature+": 10, "curvature-": 5}
 STEPS = {"sharpness": 10, "curvature": 1}

@@ -10,6 +10,13 @@ A :class:`LearnedMethod` holds the LSTMs and exposes the two pieces of one inner
 explicit tensors (``propose_update``, ``propose_teleport``) plus ``teleport`` (the group action); the
 order in which the unroller calls them is ``teleport.order`` (see :mod:`metatele.meta.unroll`).
 The recurrent state is a dict ``{"update": LSTMState | None, "tele": [LSTMState] | None, "lr": (B,)}``.
+
+``lstm.tele_arch = "neuronwise"`` replaces the per-layer teleport LSTMs by one
+:class:`~metatele.learned.any_size.NeuronwiseTeleportLSTM` shared by every hidden neuron of every layer
+(``tele_nets`` then holds that one module, ``state["tele"]`` its one state). With that and
+``lstm.update_arch = "coordinatewise"`` (or GD's update) no parameter depends on the widths or the depth:
+:attr:`LearnedMethod.size_agnostic`, and :meth:`LearnedMethod.resized` moves the trained LSTMs to
+another network.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 
 from ..config import METHODS, LSTMConfig, TeleportConfig
 from ..nets import flatten, unflatten
+from .any_size import NeuronwiseTeleportLSTM
 from .lstm import CoordinateUpdateLSTM, LrTeleportLSTM, StackedLSTM, TeleportLSTM, UpdateLSTM, detach_state
 from .teleport import apply_learned_teleport
 
@@ -74,7 +82,14 @@ class LearnedMethod(nn.Module):
                                                        param=lstm.update_param, base_lr=lstm.precond_lr,
                                                        log_range=lstm.precond_range)
         self.tele_nets: nn.ModuleList | None = None
-        if self.learn_tele:
+        self.neuronwise = self.learn_tele and lstm.tele_arch == "neuronwise"
+        if self.neuronwise:
+            net = NeuronwiseTeleportLSTM(lstm.neuron_hidden, lstm.neuron_rank, magnitude=self.tele_cfg.magnitude,
+                                         p=lstm.preprocess_p, magnitude_mode=self.tele_cfg.magnitude_mode,
+                                         lr=self.learn_lr, lr_min=lstm.lr_min, lr_max=lstm.lr_max,
+                                         lr_param=lstm.lr_param, lr_init=lstm.lr_init)
+            self.tele_nets = nn.ModuleList([net])
+        elif self.learn_tele:
             nets = []
             for i in range(len(self.shapes) - 1):
                 k = self.shapes[i][0]
@@ -92,6 +107,42 @@ class LearnedMethod(nn.Module):
             self.tele_nets = nn.ModuleList(nets)
 
     # ------------------------------------------------------------------ description
+    @property
+    def hidden_widths(self) -> list[int]:
+        """Widths of the hidden layers ``[k_1, ..., k_{L-1}]`` of the network this module is built for."""
+        return [o for o, _ in self.shapes[:-1]]
+
+    @property
+    def size_agnostic(self) -> bool:
+        """True when no meta-parameter depends on the network's widths or depth: the update is the
+        coordinatewise LSTM (or GD's) and the teleport, if any, is the neuronwise LSTM."""
+        update_ok = self.update_net is None or isinstance(self.update_net, CoordinateUpdateLSTM)
+        return update_ok and (not self.learn_tele or self.neuronwise)
+
+    def fixed_size_parts(self) -> list[str]:
+        """Names of the LSTMs that tie this method to its training widths (empty when size-agnostic)."""
+        parts = []
+        if self.update_net is not None and not isinstance(self.update_net, CoordinateUpdateLSTM):
+            parts.append('update LSTM (lstm.update_arch = "full")')
+        if self.learn_tele and not self.neuronwise:
+            parts.append('teleport LSTM (lstm.tele_arch = "full")')
+        return parts
+
+    def resized(self, shapes: Sequence[tuple[int, int]]) -> "LearnedMethod":
+        """The same trained meta-optimiser for a network with weights of ``shapes`` (any widths, any number
+        of hidden layers); ``self`` if the shapes are its own. Raises ``ValueError`` naming the fixed-size
+        LSTM when the method is not :attr:`size_agnostic`."""
+        shapes = [tuple(int(x) for x in s) for s in shapes]
+        if shapes == self.shapes:
+            return self
+        if not self.size_agnostic:
+            raise ValueError(f"{self.name} has a fixed-size {' and '.join(self.fixed_size_parts())}: it works "
+                             f"only for weight shapes {self.shapes}, not {shapes}")
+        p = next(self.parameters())
+        new = LearnedMethod(self.name, shapes, self.lstm_cfg, self.tele_cfg).to(dtype=p.dtype, device=p.device)
+        new.load_state_dict(self.state_dict())
+        return new.train(self.training)
+
     def arch(self) -> dict[str, Any]:
         """What a checkpoint must match to be loaded into this module."""
         return {"method": self.name, "shapes": [list(s) for s in self.shapes],
@@ -116,7 +167,9 @@ class LearnedMethod(nn.Module):
                 st["update"] = self.update_net.init_state(batch, dtype, device, n_params=self.n_params)
             else:
                 st["update"] = self.update_net.init_state(batch, dtype, device)
-        if self.tele_nets is not None:
+        if self.neuronwise:
+            st["tele"] = [self.tele_nets[0].init_state(batch, dtype, device, n_neurons=sum(self.hidden_widths))]
+        elif self.tele_nets is not None:
             st["tele"] = [net.init_state(batch, dtype, device) for net in self.tele_nets]
         return st
 
@@ -155,8 +208,7 @@ class LearnedMethod(nn.Module):
             new = flatten(weights, 1) - u.to(g.dtype)
             return unflatten(new, weights, 1), state
         lr = state["lr"].to(weights[0].dtype)
-        shape = (-1,) + (1,) * (weights[0].dim() - 1)
-        return tuple(w - lr.reshape(shape) * g for w, g in zip(weights, grads)), state
+        return tuple(w - lr.reshape((-1,) + (1,) * (w.dim() - 1)) * g for w, g in zip(weights, grads)), state
 
     def propose_teleport(self, grads: Sequence[Tensor], state: dict[str, Any]
                          ) -> tuple[list[Tensor] | None, dict[str, Any]]:
@@ -164,6 +216,13 @@ class LearnedMethod(nn.Module):
         if self.tele_nets is None:
             return None, state
         state = dict(state)
+        if self.neuronwise:
+            net = self.tele_nets[0]
+            Ts, lr, s = net([g.to(net.head.weight.dtype) for g in grads], state["tele"][0])
+            state["tele"] = [s]
+            if lr is not None:
+                state["lr"] = lr
+            return Ts, state
         Ts, new_states, lrs = [], [], []
         for i, net in enumerate(self.tele_nets):
             x = pair_gradients(grads, i).to(next(net.parameters()).dtype)

@@ -11,7 +11,10 @@
 
 The parameters must have the shapes the meta-optimiser was trained for (a full-vector UpdateLSTM reads
 all of them at once; the coordinatewise UpdateLSTM works for any shapes but still needs the trained
-hidden-layer widths for its teleport LSTM). The recurrent state is one trajectory (batch 1).
+hidden-layer widths for P2's teleport LSTM). A size-agnostic method (coordinatewise update and
+``lstm.tele_arch = "neuronwise"``, :attr:`LearnedMethod.size_agnostic`) works for any ``nn.Sequential`` of
+``nn.Linear`` (with or without biases) and ``nn.LeakyReLU``: its LSTMs are moved to the parameters' shapes
+(:meth:`LearnedMethod.resized`). The recurrent state is one trajectory (batch 1).
 """
 from __future__ import annotations
 
@@ -38,10 +41,15 @@ class LearnedOptimizer:
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("LearnedOptimizer got an empty parameter list")
-        self.method = method.eval()
         shapes = [tuple(p.shape) for p in self.params]
+        if method.size_agnostic:
+            if any(p.dim() not in (1, 2) for p in self.params):
+                raise ValueError(f"a size-agnostic LearnedOptimizer takes weights (out, in) and biases (out,), "
+                                 f"got parameter shapes {shapes}")
+            method = method.resized([s for s in shapes if len(s) == 2])
+        self.method = method.eval()
         coordinatewise = method.update_net is not None and method.lstm_cfg.update_arch == "coordinatewise"
-        if not coordinatewise and shapes != [tuple(s) for s in method.shapes]:
+        if not (coordinatewise or method.size_agnostic) and shapes != [tuple(s) for s in method.shapes]:
             raise ProblemMismatch(f"parameters of shapes {shapes} do not match the shapes the meta-optimiser "
                                   f"was trained for {method.shapes}")
         self._n_params = sum(p.numel() for p in self.params)
@@ -132,7 +140,8 @@ class LearnedOptimizer:
             raise ValueError("inputs contain NaN or inf")
         if not all(bool(torch.isfinite(w).all()) for w in weights):
             raise ValueError("model parameters contain NaN or inf: there is no level set to move along")
-        Ts, self.state = self.method.propose_teleport(self._last_grads, self.state)
+        grads = self._layer_grads(model) if bias else self._last_grads
+        Ts, self.state = self.method.propose_teleport(grads, self.state)
         c = self.method.tele_cfg
         Xa = torch.cat([X, torch.ones(1, X.shape[1], dtype=X.dtype, device=X.device)]) if bias else X
         X_pinv = torch.linalg.pinv(Xa.to(action_dtype(X.dtype, c.compute_dtype)))
@@ -155,6 +164,19 @@ class LearnedOptimizer:
             return False
         to_sequential(new, model)
         return True
+
+    def _layer_grads(self, model: nn.Sequential) -> tuple[Tensor, ...]:
+        """The last step's gradients arranged as ``from_sequential``'s weights: ``[dL/dW | dL/db]`` per
+        ``nn.Linear`` with a bias, ``(1, out, in + 1)``."""
+        where = {id(p): i for i, p in enumerate(self.params)}
+        out = []
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                if id(m.weight) not in where or id(m.bias) not in where:
+                    raise ValueError(f"{m} of the model is not among the optimiser's parameters")
+                gw, gb = self._last_grads[where[id(m.weight)]], self._last_grads[where[id(m.bias)]]
+                out.append(torch.cat([gw, gb.unsqueeze(-1)], -1))
+        return tuple(out)
 
     @property
     def lr(self) -> float:

@@ -30,6 +30,19 @@ def action_dtype(dtype: torch.dtype, compute_dtype: str) -> torch.dtype:
     raise ValueError(f"compute_dtype = {compute_dtype!r}; allowed: {list(COMPUTE_DTYPES)}")
 
 
+def _non_finite(weights: Sequence[Tensor], Ts: Sequence[Tensor | None]) -> Tensor | None:
+    """Mask ``(...)`` of the networks (leading dimensions) with a non-finite weight or ``T``, or None when
+    every entry is finite (the common case: one reduction, no mask)."""
+    parts = [w for w in weights] + [T for T in Ts if T is not None]
+    if all(bool(torch.isfinite(x).all()) for x in parts):
+        return None
+    lead = weights[0].shape[:-2]
+    bad = torch.zeros(lead, dtype=torch.bool, device=weights[0].device)
+    for x in parts:
+        bad = bad | ~torch.isfinite(x).flatten(len(lead)).all(-1)
+    return bad
+
+
 def apply_learned_teleport(weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Tensor | None], *,
                            action: str = "inverse", param: str = "I+T", compute_dtype: str = "float64",
                            X_pinv: Tensor | None = None, slope: float = DEFAULT_SLOPE,
@@ -41,10 +54,22 @@ def apply_learned_teleport(weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Te
     Differentiable in ``weights`` and ``Ts``. Returns weights in their original dtype.
     No validation of the group elements (``transform(validate=False)``): in this hot loop ``g = I + T`` with
     ``||T||_F`` = magnitude << 1 is invertible by construction, and a non-finite ``T`` (a diverged
-    trajectory) must propagate to the trainer, which skips that meta-update, rather than raise.
+    trajectory) must propagate to the trainer, which skips that meta-update, rather than raise: a network
+    (leading index) with a non-finite weight or ``T`` gets NaN weights, the others are teleported as usual
+    (with several hidden layers the action takes pseudo-inverses of hidden activations, and an SVD of
+    NaNs would raise).
     """
     if action not in LEARNED_ACTIONS:
         raise ValueError(f"teleport action {action!r}; allowed: {LEARNED_ACTIONS}")
+    bad = _non_finite(weights, Ts)
+    if bad is not None:  # a diverged trajectory: run the others, give it NaN weights (no SVD of NaNs)
+        safe = [torch.where(bad.reshape(bad.shape + (1, 1)), torch.zeros_like(w), w) for w in weights]
+        safe_T = [None if T is None else torch.where(bad.reshape(bad.shape + (1, 1)), torch.zeros_like(T), T)
+                  for T in Ts]
+        out = apply_learned_teleport(safe, X, safe_T, action=action, param=param, compute_dtype=compute_dtype,
+                                     X_pinv=X_pinv, slope=slope, bias=bias)
+        return tuple(torch.where(bad.reshape(bad.shape + (1, 1)), torch.full_like(w, float("nan")), w)
+                     for w in out)
     dt = weights[0].dtype
     cdt = action_dtype(dt, compute_dtype)
     W = tuple(w.to(cdt) for w in weights)

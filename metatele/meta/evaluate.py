@@ -6,6 +6,7 @@ Records per step: ``L(w_t)`` before the update of step t, ``||grad L(w_t)||^2``,
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,13 +15,14 @@ import torch
 
 from ..baselines import run_gd
 from ..checkpoint import ProblemMismatch
-from ..config import EvalConfig
+from ..config import EvalConfig, ProblemConfig
 from ..devices import resolve_device
 from ..learned.loading import DTYPES, load_method
+from ..learned.methods import weight_shapes
 from ..problems import eval_seeds, is_train_seed, regression_batch, train_seeds
 from .unroll import rollout
 
-__all__ = ["load_method", "trained_seeds", "method_labels", "finite_or_none", "evaluate", "run_entry",
+__all__ = ["load_method", "resize_methods", "trained_seeds", "method_labels", "finite_or_none", "evaluate", "run_entry",
            "summary_table", "steps_to_reach"]
 
 
@@ -60,7 +62,8 @@ def finite_or_none(values) -> list:
 
 def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: int | None = None,
              eval_cfg: EvalConfig | None = None, include_baselines: bool = True,
-             progress=None, device: str | torch.device | None = "cpu") -> dict[str, Any]:
+             progress=None, device: str | torch.device | None = "cpu",
+             dims: Sequence[int] | None = None) -> dict[str, Any]:
     """Evaluate every checkpoint's method plus ``gd`` and ``gd_tele`` on the same unseen seeds.
 
     seeds: number of evaluation initialisations (default ``eval.seeds`` of the first checkpoint's config);
@@ -73,11 +76,15 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
     (per init)}}, "eval_seeds", "train_seeds", "steps", "dims"}``; curves are strict JSON (a
     non-finite loss is ``null``, its initialisation is marked diverged; the statistics are over the
     finite runs at each step).
+    dims: evaluate on this problem ``[b, d_in, hidden..., d_out]`` instead of the checkpoints' own
+    (:func:`resize_methods`: every meta-optimiser must be size-agnostic, else :class:`ProblemMismatch`).
     """
     loaded = [load_method(p) for p in ckpts]
+    if dims is not None:
+        loaded = resize_methods(loaded, ckpts, dims)
     if not loaded and eval_cfg is None:
         raise ValueError("need at least one checkpoint or an eval configuration")
-    dims = list(loaded[0][1].problem.dims) if loaded else [20, 20, 20, 20]
+    dims = list(loaded[0][1].problem.dims) if loaded else list(dims or [20, 20, 20, 20])
     for (m, c, _), p in zip(loaded, ckpts):
         if list(c.problem.dims) != dims:
             raise ProblemMismatch(f"{p} was trained on problem dims {c.problem.dims}, the first checkpoint "
@@ -123,6 +130,25 @@ def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: in
            "gd_lr": ecfg.gd_lr, "device": str(dev)}
     for name, r in runs.items():
         out["methods"][name] = run_entry(method_of[name], r)
+    return out
+
+
+def resize_methods(loaded: list, ckpts: Sequence[str | Path], dims: Sequence[int]) -> list:
+    """``load_method`` results moved to the problem ``dims``: each method :meth:`~LearnedMethod.resized`
+    to its weight shapes and its configuration's ``problem.dims`` set to ``dims``. Raises
+    :class:`ProblemMismatch` naming the checkpoint and its fixed-size LSTM when one is not size-agnostic,
+    ``ValueError`` for invalid ``dims``."""
+    dims = [int(d) for d in dims]
+    ProblemConfig(dims=dims).validate()
+    out = []
+    for (m, c, ck), p in zip(loaded, ckpts):
+        try:
+            m = m.resized(weight_shapes(dims))
+        except ValueError as e:
+            raise ProblemMismatch(f"{p} cannot be evaluated on dims {dims}: {e}") from None
+        c = copy.deepcopy(c)
+        c.problem.dims = list(dims)
+        out.append((m, c, ck))
     return out
 
 
