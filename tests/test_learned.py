@@ -154,14 +154,14 @@ def test_learned_optimizer_rejects_other_problem_size(tmp_path):
 
 
 def test_precond_update_vanishes_with_gradient_and_starts_near_gd():
-    net = UpdateLSTM(30, 8, preprocess="log_sign", param="precond", base_lr=1e-3, log_range=2.0)
+    net = UpdateLSTM(30, 8, preprocess="log_sign", update_param="precond", precond_lr=1e-3, precond_range=2.0)
     g = _g(2, 30) * 1e-3
     u, _ = net(g, net.init_state(2))
     ratio = u / g
     assert bool((ratio > 1e-3 * math.exp(-2.0) - 1e-12).all() and (ratio < 1e-3 * math.exp(2.0)).all())
     u0, _ = net(torch.zeros(2, 30), net.init_state(2))
     assert torch.count_nonzero(u0) == 0
-    c = CoordinateUpdateLSTM(4, param="precond", base_lr=1e-3)
+    c = CoordinateUpdateLSTM(4, update_param="precond", precond_lr=1e-3)
     u1, _ = c(g, c.init_state(2, n_params=30))
     assert torch.allclose(u1 / g, torch.full_like(g, 1e-3), rtol=0.5)
 

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from ..symmetry import normalise
-from .lstm import MAGNITUDE_MODES, LSTMState, StackedLSTM, linear
+from ..config import LR_PARAMS, MAGNITUDE_MODES
+from .lstm import LSTMState, StackedLSTM, linear
 from .preprocess import log_sign
 
 __all__ = ["NEURON_FEATURES", "neuron_statistics", "neuron_features", "hidden_widths", "low_rank_T",
@@ -99,7 +100,7 @@ class NeuronwiseTeleportLSTM(nn.Module):
     (times ``s`` in (0, 1) with ``magnitude_mode = "learned"``) and ``lr (B,)`` (``None`` unless ``lr``).
     """
 
-    def __init__(self, hidden: int = 20, rank: int = 2, *, magnitude: float = 0.01, p: float = 10.0,
+    def __init__(self, hidden: int = 20, rank: int = 2, *, magnitude: float = 0.01, preprocess_p: float = 10.0,
                  magnitude_mode: str = "fixed", lr: bool = False, lr_min: float = 1e-7,
                  lr_max: float = 5e-3, lr_param: str = "clamp", lr_init: float = 1e-4):
         super().__init__()
@@ -107,7 +108,8 @@ class NeuronwiseTeleportLSTM(nn.Module):
             raise ValueError(f"magnitude_mode = {magnitude_mode!r}; allowed: {list(MAGNITUDE_MODES)}")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank = {rank!r} must be an integer >= 1")
-        self.rank, self.magnitude, self.magnitude_mode, self.p = rank, float(magnitude), magnitude_mode, float(p)
+        self.rank, self.magnitude, self.magnitude_mode = rank, float(magnitude), magnitude_mode
+        self.preprocess_p = float(preprocess_p)
         self.lstm = StackedLSTM(NEURON_FEATURES, hidden)
         self.head = nn.Linear(hidden, 2 * rank + 1)
         self.mag_head = None
@@ -121,8 +123,8 @@ class NeuronwiseTeleportLSTM(nn.Module):
             if not 0 < lr_min <= lr_init <= lr_max or lr_min == lr_max:
                 raise ValueError(f"need 0 < lr_min <= lr_init <= lr_max, lr_min < lr_max; got lr_min={lr_min}, "
                                  f"lr_init={lr_init}, lr_max={lr_max}")
-            if lr_param not in ("clamp", "log_sigmoid"):
-                raise ValueError(f"lr_param = {lr_param!r}; allowed: ['clamp', 'log_sigmoid']")
+            if lr_param not in LR_PARAMS:
+                raise ValueError(f"lr_param = {lr_param!r}; allowed: {list(LR_PARAMS)}")
             self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
             self.lr_head = nn.Linear(hidden, 1)
             if lr_param == "log_sigmoid":
@@ -146,7 +148,7 @@ class NeuronwiseTeleportLSTM(nn.Module):
         """``(B, N, 10)``: :func:`neuron_features` of every hidden layer, concatenated along neurons."""
         if len(grads) < 2:
             raise ValueError(f"need the gradients of at least two weights (one hidden layer), got {len(grads)}")
-        return torch.cat([neuron_features(grads[i], grads[i + 1], self.p) for i in range(len(grads) - 1)], -2)
+        return torch.cat([neuron_features(grads[i], grads[i + 1], self.preprocess_p) for i in range(len(grads) - 1)], -2)
 
     def step_size(self, h: Tensor) -> Tensor:
         """``lr (B,)`` from the mean hidden state ``h (B, H)``."""

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..config import LR_PARAMS, MAGNITUDE_MODES, UPDATE_PARAMS
 from ..symmetry import normalise
 from .deferred import deferred_linear
 from .preprocess import preprocess, preprocessed_width
@@ -31,8 +32,7 @@ __all__ = ["LSTMState", "lstm_cell", "linear", "StackedLSTM", "UpdateLSTM", "Coo
 
 LSTMState = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 
-#: How the teleport LSTMs set ``||T||_F``: fixed at ``magnitude`` (P2) or learned in ``(0, magnitude)``.
-MAGNITUDE_MODES = ("fixed", "learned")
+
 
 
 def detach_state(state: LSTMState) -> LSTMState:
@@ -89,12 +89,12 @@ class StackedLSTM(nn.Module):
 class _GradLSTM(nn.Module):
     """Shared plumbing: preprocessing of the gradient input, state creation."""
 
-    def __init__(self, n_in: int, hidden: int, preprocess: str = "none", p: float = 10.0,
+    def __init__(self, n_in: int, hidden: int, preprocess: str = "none", preprocess_p: float = 10.0,
                  input_scale: float = 1.0):
         super().__init__()
         self.n_in = int(n_in)
         self.preprocess_kind = preprocess
-        self.p = float(p)
+        self.preprocess_p = float(preprocess_p)
         self.input_scale = float(input_scale)
         self.lstm = StackedLSTM(preprocessed_width(self.n_in, preprocess), hidden)
 
@@ -109,40 +109,41 @@ class _GradLSTM(nn.Module):
         if g.shape[-1] != self.n_in:
             raise ValueError(f"{type(self).__name__} expects {self.n_in} gradient entries per trajectory, "
                              f"got {g.shape[-1]}")
-        return preprocess(g, self.preprocess_kind, p=self.p, scale=self.input_scale)
+        return preprocess(g, self.preprocess_kind, p=self.preprocess_p, scale=self.input_scale)
 
 
-def _output_update(out: Tensor, grad: Tensor, param: str, out_scale: float, clamp: float,
-                   base_lr: float, log_range: float) -> Tensor:
+def _output_update(out: Tensor, grad: Tensor, update_param: str, update_scale: float, update_clamp: float,
+                   precond_lr: float, precond_range: float) -> Tensor:
     """Turn a head output into an update (pure function).
 
-    ``"direct"`` (P2): ``clamp(out_scale * out, -clamp, clamp)``.
-    ``"precond"``: ``base_lr * exp(log_range * tanh(out)) * grad``, a learned positive per-coordinate
+    ``"direct"`` (P2): ``clamp(update_scale * out, -update_clamp, update_clamp)``.
+    ``"precond"``: ``precond_lr * exp(precond_range * tanh(out)) * grad``, a learned positive per-coordinate
     step size; the update vanishes with the gradient, so a converged trajectory stays converged.
     """
-    if param == "direct":
-        return (out_scale * out).clamp(-clamp, clamp)
-    if param == "precond":
-        return base_lr * torch.exp(log_range * torch.tanh(out)) * grad.to(out.dtype)
-    raise ValueError(f"update parametrisation {param!r}; allowed: ['direct', 'precond']")
+    if update_param == "direct":
+        return (update_scale * out).clamp(-update_clamp, update_clamp)
+    if update_param == "precond":
+        return precond_lr * torch.exp(precond_range * torch.tanh(out)) * grad.to(out.dtype)
+    raise ValueError(f"update parametrisation {update_param!r}; allowed: {list(UPDATE_PARAMS)}")
 
 
 class UpdateLSTM(_GradLSTM):
     """P2's LSTM(update): ``update = clamp(scale * Linear(h_2), -clamp, clamp)``; inner step ``w - update``.
 
-    With ``param = "precond"``: ``update = base_lr * exp(log_range * tanh(Linear(h_2))) * grad``.
+    With ``update_param = "precond"``: ``update = precond_lr * exp(precond_range * tanh(Linear(h_2))) * grad``.
     ``forward(grad (B, P), state) -> (update (B, P), state)``.
     """
 
     def __init__(self, n_params: int = 800, hidden: int = 300, *, preprocess: str = "none",
-                 p: float = 10.0, input_scale: float = 1.0, out_scale: float = 1.0,
-                 clamp: float = 1e7, param: str = "direct", base_lr: float = 3e-4,
-                 log_range: float = 3.0):
-        super().__init__(n_params, hidden, preprocess, p, input_scale)
+                 preprocess_p: float = 10.0, input_scale: float = 1.0, update_scale: float = 1.0,
+                 update_clamp: float = 1e7, update_param: str = "direct", precond_lr: float = 3e-4,
+                 precond_range: float = 3.0):
+        super().__init__(n_params, hidden, preprocess, preprocess_p, input_scale)
         self.head = nn.Linear(hidden, n_params)
-        self.out_scale, self.clamp = float(out_scale), float(clamp)
-        self.param, self.base_lr, self.log_range = param, float(base_lr), float(log_range)
-        if param == "precond":  # start as GD with step base_lr
+        self.update_scale, self.update_clamp = float(update_scale), float(update_clamp)
+        self.update_param, self.precond_lr = update_param, float(precond_lr)
+        self.precond_range = float(precond_range)
+        if update_param == "precond":  # start as GD with step precond_lr
             with torch.no_grad():
                 self.head.weight.mul_(0.1)
                 self.head.bias.zero_()
@@ -150,27 +151,29 @@ class UpdateLSTM(_GradLSTM):
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         h, state = self.lstm(self._features(grad), state)
         out = linear(self.head, h, self.lstm.defer_weight_grad)
-        u = _output_update(out, grad, self.param, self.out_scale, self.clamp, self.base_lr, self.log_range)
+        u = _output_update(out, grad, self.update_param, self.update_scale, self.update_clamp, self.precond_lr,
+                           self.precond_range)
         return u, state
 
 
 class CoordinateUpdateLSTM(nn.Module):
     """Coordinatewise LSTM optimiser (Andrychowicz et al. 2016): one LSTM with ``hidden`` units shared by
     every coordinate; input the log-magnitude and sign of the gradient coordinate (always ``log_sign``),
-    output ``out_scale * Linear(h)``; inner step ``w - update``.
+    output ``update_scale * Linear(h)``; inner step ``w - update``.
 
     ``forward(grad (B, P), state) -> (update (B, P), state)``; the state is ``(B * P, hidden)``.
     """
 
-    def __init__(self, hidden: int = 20, *, p: float = 10.0, out_scale: float = 0.1,
-                 clamp: float = 1e7, param: str = "direct", base_lr: float = 3e-4,
-                 log_range: float = 3.0):
+    def __init__(self, hidden: int = 20, *, preprocess_p: float = 10.0, update_scale: float = 0.1,
+                 update_clamp: float = 1e7, update_param: str = "direct", precond_lr: float = 3e-4,
+                 precond_range: float = 3.0):
         super().__init__()
-        self.p, self.out_scale, self.clamp = float(p), float(out_scale), float(clamp)
-        self.param, self.base_lr, self.log_range = param, float(base_lr), float(log_range)
+        self.preprocess_p, self.update_scale, self.update_clamp = float(preprocess_p), float(update_scale), float(update_clamp)
+        self.update_param, self.precond_lr = update_param, float(precond_lr)
+        self.precond_range = float(precond_range)
         self.lstm = StackedLSTM(2, hidden)
         self.head = nn.Linear(hidden, 1)
-        if param == "precond":
+        if update_param == "precond":
             with torch.no_grad():
                 self.head.weight.mul_(0.1)
                 self.head.bias.zero_()
@@ -184,10 +187,11 @@ class CoordinateUpdateLSTM(nn.Module):
 
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         B, P = grad.shape
-        x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.p)
+        x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.preprocess_p)
         h, state = self.lstm(x, state)
         out = linear(self.head, h, self.lstm.defer_weight_grad).reshape(B, P)
-        u = _output_update(out, grad, self.param, self.out_scale, self.clamp, self.base_lr, self.log_range)
+        u = _output_update(out, grad, self.update_param, self.update_scale, self.update_clamp, self.precond_lr,
+                           self.precond_range)
         return u, state
 
 
@@ -200,9 +204,9 @@ class TeleportLSTM(_GradLSTM):
     """
 
     def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 300, *, magnitude: float = 0.01,
-                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0,
+                 preprocess: str = "none", preprocess_p: float = 10.0, input_scale: float = 1.0,
                  magnitude_mode: str = "fixed"):
-        super().__init__(n_in, hidden, preprocess, p, input_scale)
+        super().__init__(n_in, hidden, preprocess, preprocess_p, input_scale)
         if magnitude_mode not in MAGNITUDE_MODES:
             raise ValueError(f"magnitude_mode = {magnitude_mode!r}; allowed: {list(MAGNITUDE_MODES)}")
         self.k, self.magnitude, self.magnitude_mode = int(k), float(magnitude), magnitude_mode
@@ -238,15 +242,15 @@ class LrTeleportLSTM(TeleportLSTM):
     """
 
     def __init__(self, n_in: int = 800, k: int = 20, hidden: int = 20, *, magnitude: float = 0.01,
-                 preprocess: str = "none", p: float = 10.0, input_scale: float = 1.0,
+                 preprocess: str = "none", preprocess_p: float = 10.0, input_scale: float = 1.0,
                  lr_min: float = 1e-7, lr_max: float = 5e-3, lr_param: str = "clamp",
                  lr_init: float = 1e-4, magnitude_mode: str = "fixed"):
-        super().__init__(n_in, k, hidden, magnitude=magnitude, preprocess=preprocess, p=p,
+        super().__init__(n_in, k, hidden, magnitude=magnitude, preprocess=preprocess, preprocess_p=preprocess_p,
                          input_scale=input_scale, magnitude_mode=magnitude_mode)
         if not 0 < lr_min < lr_max:
             raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
-        if lr_param not in ("clamp", "log_sigmoid"):
-            raise ValueError(f"lr_param = {lr_param!r}; allowed: ['clamp', 'log_sigmoid']")
+        if lr_param not in LR_PARAMS:
+            raise ValueError(f"lr_param = {lr_param!r}; allowed: {list(LR_PARAMS)}")
         if not lr_min <= lr_init <= lr_max:
             raise ValueError(f"lr_init = {lr_init} must lie in [lr_min, lr_max] = [{lr_min}, {lr_max}]")
         self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param

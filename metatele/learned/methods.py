@@ -72,20 +72,20 @@ class LearnedMethod(nn.Module):
         if self.learn_update:
             if lstm.update_arch == "full":
                 self.update_net = UpdateLSTM(self.n_params, lstm.update_hidden, preprocess=lstm.preprocess,
-                                             p=lstm.preprocess_p, input_scale=lstm.input_scale,
-                                             out_scale=lstm.update_scale, clamp=lstm.update_clamp,
-                                             param=lstm.update_param, base_lr=lstm.precond_lr,
-                                             log_range=lstm.precond_range)
+                                             preprocess_p=lstm.preprocess_p, input_scale=lstm.input_scale,
+                                             update_scale=lstm.update_scale, update_clamp=lstm.update_clamp,
+                                             update_param=lstm.update_param, precond_lr=lstm.precond_lr,
+                                             precond_range=lstm.precond_range)
             else:
-                self.update_net = CoordinateUpdateLSTM(lstm.coord_hidden, p=lstm.preprocess_p,
-                                                       out_scale=lstm.update_scale, clamp=lstm.update_clamp,
-                                                       param=lstm.update_param, base_lr=lstm.precond_lr,
-                                                       log_range=lstm.precond_range)
+                self.update_net = CoordinateUpdateLSTM(lstm.coord_hidden, preprocess_p=lstm.preprocess_p,
+                                                       update_scale=lstm.update_scale, update_clamp=lstm.update_clamp,
+                                                       update_param=lstm.update_param, precond_lr=lstm.precond_lr,
+                                                       precond_range=lstm.precond_range)
         self.tele_nets: nn.ModuleList | None = None
         self.neuronwise = self.learn_tele and lstm.tele_arch == "neuronwise"
         if self.neuronwise:
             net = NeuronwiseTeleportLSTM(lstm.neuron_hidden, lstm.neuron_rank, magnitude=self.tele_cfg.magnitude,
-                                         p=lstm.preprocess_p, magnitude_mode=self.tele_cfg.magnitude_mode,
+                                         preprocess_p=lstm.preprocess_p, magnitude_mode=self.tele_cfg.magnitude_mode,
                                          lr=self.learn_lr, lr_min=lstm.lr_min, lr_max=lstm.lr_max,
                                          lr_param=lstm.lr_param, lr_init=lstm.lr_init)
             self.tele_nets = nn.ModuleList([net])
@@ -97,7 +97,7 @@ class LearnedMethod(nn.Module):
                 tp = lstm.preprocess if lstm.tele_preprocess == "same" else lstm.tele_preprocess
                 common = dict(magnitude=self.tele_cfg.magnitude, magnitude_mode=self.tele_cfg.magnitude_mode,
                               preprocess=tp,
-                              p=lstm.preprocess_p, input_scale=lstm.input_scale)
+                              preprocess_p=lstm.preprocess_p, input_scale=lstm.input_scale)
                 if self.learn_lr:
                     nets.append(LrTeleportLSTM(n_in, k, lstm.lr_tele_hidden, lr_min=lstm.lr_min,
                                                lr_max=lstm.lr_max, lr_param=lstm.lr_param,
