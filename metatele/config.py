@@ -367,16 +367,19 @@ class EvalConfig:
 @dataclass
 class MethodConfig:
     """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps,
-    ``batch`` of them per meta-batch (0: ``train.batch``)."""
+    ``batch`` of them per meta-batch (0: ``train.batch``); ``magnitude``: this method's ``||T||_F``
+    (0: ``teleport.magnitude``)."""
 
     trajectories: int
     steps: int
     batch: int = 0
+    magnitude: float = 0.0
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
         _check_range(f"methods.{name}.steps", self.steps, 1, 10**7, integer=True)
         _check_range(f"methods.{name}.batch", self.batch, 0, 10**6, integer=True)
+        _check_range(f"methods.{name}.magnitude", self.magnitude, 0, 1.0)
 
 
 def _paper_methods() -> dict[str, MethodConfig]:
@@ -397,6 +400,13 @@ class Config:
         """Trajectories per meta-batch of ``method``: its own ``batch``, else ``train.batch``."""
         m = self.methods.get(method)
         return m.batch if m is not None and m.batch > 0 else self.train.batch
+
+    def teleport_of(self, method: str) -> TeleportConfig:
+        """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude`` if it has one."""
+        m = self.methods.get(method)
+        if m is not None and m.magnitude > 0:
+            return dataclasses.replace(self.teleport, magnitude=m.magnitude)
+        return self.teleport
 
     def validate(self) -> "Config":
         self.problem.validate()

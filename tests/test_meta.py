@@ -364,3 +364,17 @@ def test_teleport_until_the_training_horizon():
     m.tele_until = 0
     rollout(m, prob.weights, prob.X, prob.Y, 10)
     assert len(calls) == 16
+
+
+def test_per_method_magnitude_and_batch():
+    cfg = tiny_config()
+    cfg.methods["lstm_update_tele"].magnitude = 0.2
+    cfg.methods["lstm_lr_tele"].batch = 1
+    cfg.validate()
+    assert build_method("lstm_update_tele", cfg).tele_cfg.magnitude == 0.2
+    assert build_method("lstm_lr_tele", cfg).tele_cfg.magnitude == cfg.teleport.magnitude == 0.05
+    assert cfg.batch_of("lstm_lr_tele") == 1 and cfg.batch_of("lstm_update") == cfg.train.batch
+    assert MetaTrainer("lstm_lr_tele", cfg).n_meta_batches == cfg.methods["lstm_lr_tele"].trajectories
+    cfg.methods["lstm_update"].magnitude = -1
+    with pytest.raises(ValueError, match="methods.lstm_update.magnitude"):
+        cfg.validate()

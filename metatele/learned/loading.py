@@ -23,7 +23,7 @@ def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedM
     seed = cfg.train.seed if seed is None else seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport)
+        m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport_of(name))
     if cfg.teleport.until_horizon and name in cfg.methods:
         m.tele_until = cfg.methods[name].steps
     return m.to(DTYPES[cfg.problem.dtype])
