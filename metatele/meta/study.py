@@ -14,7 +14,8 @@ Each trained checkpoint, GD and GD with hand-designed teleport run for ``horizon
 horizon under ``torch.no_grad``. The report (``study.md``, ``study.json``, ``study.png`` in ``--out``):
 
 * per method, the mean loss over the evaluation initialisations of each training seed, then mean ± std
-  *across training seeds*, at steps 10, 30, the last training step and the last evaluated step;
+  *across training seeds*, at steps 10, 30, the last step of each method's training horizon, ``horizon``
+  times it, and the last evaluated step;
 * for LSTM(update,tele) vs LSTM(update) (and LSTM(lr,tele) vs GD): over the (training seed, evaluation
   initialisation) pairs, the fraction where the first is lower and a bootstrap 95% interval of the mean
   log-ratio ``log L_first - log L_second`` (resampling seeds and initialisations, crossed);
@@ -198,7 +199,7 @@ def study_tables(curves: dict[str, np.ndarray], steps: Sequence[int], *, spike_f
     return "\n".join(lines), stats
 
 
-def plot_study(curves: dict[str, np.ndarray], train_steps: int, out: Path) -> Path:
+def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: Path) -> Path:
     """One line per method (mean over training seeds of the per-seed mean loss) and a band (min to max
     across training seeds), log scale; the training horizon is marked."""
     import matplotlib
@@ -214,7 +215,8 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: int, out: Path) -> Pa
         line, = ax.plot(x, np.nanmean(finite, 0), label=f"{LABELS.get(m, m)} ({L.shape[0]} seeds)")
         if L.shape[0] > 1:
             ax.fill_between(x, np.nanmin(finite, 0), np.nanmax(finite, 0), color=line.get_color(), alpha=0.2)
-    ax.axvline(train_steps - 1, color="grey", lw=0.8, ls="--")
+    for h in train_steps:  # the training horizons
+        ax.axvline(h - 1, color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over unseen initialisations)")
@@ -246,7 +248,9 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
     res = evaluate(ckpts, seeds=eval_seeds, steps=H, device="cpu")
     eval_wall = time.perf_counter() - t0
     curves = curves_by_method(res)
-    steps = sorted({t for t in (10, 30, train_steps - 1, H - 1) if t < H})
+    horizons = sorted({cfg.methods[m].steps for m in methods})
+    marks = {10, 30, H - 1} | {h - 1 for h in horizons} | {int(round(horizon * h)) - 1 for h in horizons}
+    steps = sorted(t for t in marks if 0 <= t < H)
     table, stats = study_tables(curves, steps)
     per_seed_wall = {k: round(sum(v.values()), 1) for k, v in train_wall.items()}
     head = [f"# Meta-training seeds study", "",
@@ -264,7 +268,7 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
                "curves": {m: finite_or_none(L.tolist()) for m, L in curves.items()}}
     (out / "study.json").write_text(json.dumps(_strict(summary), allow_nan=False))
     if plots:
-        plot_study(curves, train_steps, out)
+        plot_study(curves, horizons, out)
     log(text)
     return summary
 
