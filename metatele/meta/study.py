@@ -256,7 +256,7 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
     head = [f"# Meta-training seeds study", "",
             f"Command: `{command}`" if command else "",
             f"Methods {list(methods)}, training seeds {list(seeds)}, {eval_seeds} unseen initialisations, "
-            f"evaluated for {H} steps (training horizon {train_steps}); loss = mean over the initialisations "
+            f"evaluated for {H} steps (training horizons {horizons}); loss = mean over the initialisations "
             f"of one training seed, then mean ± std across training seeds.", "",
             f"Meta-training wall time per seed (all methods, s): {per_seed_wall}; evaluation {eval_wall:.1f} s.",
             ""]
