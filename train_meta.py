@@ -320,7 +320,7 @@ def _train(args, ctx, cfg, methods, CheckpointError) -> int:
     if ctx.distributed:
         say(f"data-parallel: {ctx.world_size} processes, backend {ctx.backend}, rank 0 on {ctx.device}")
     for tr, _ in jobs:
-        B, n = tr.cfg.train.batch, tr.counts.trajectories
+        B, n = tr.batch, tr.counts.trajectories  # this method's meta-batch
         if n % B:
             say(f"note: {tr.name}: {n} trajectories is not a whole number of meta-batches of {B}; "
                 f"trains {tr.n_meta_batches * B} ({tr.n_meta_batches} meta-batch(es))")
