@@ -368,3 +368,26 @@ def test_results_json_is_strict(trained, tmp_path, monkeypatch):
     res = json.loads((tmp_path / "res" / "results.json").read_text(), parse_constant=bare)
     assert res["methods"]["lstm_update"]["loss_mean"][-1] is None
     assert res["methods"]["lstm_update"]["final_loss"][0] is None
+
+
+def test_eval_several_seeds_of_one_method_keeps_per_initialisation_curves(trained, tmp_path):
+    """Checkpoints of one method from two meta-training runs get distinct labels; results.json keeps the
+    loss and squared-gradient-norm curve of every initialisation and a diverged flag, as strict JSON."""
+    d, _ = trained
+    run2 = tmp_path / "seed1"
+    r = run(str(ROOT / "train_meta.py"), "--config", str(d / "tiny.toml"), "--out", str(run2), "--seed", "1",
+            "--method", "lstm_update", "--threads", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    r = run(str(ROOT / "eval_meta.py"), "--ckpt", str(d / "ck" / "lstm_update.pt"), "--ckpt",
+            str(run2 / "lstm_update.pt"), "--seeds", "3", "--out", str(tmp_path / "res"), "--threads", "1",
+            "--no-plots")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "res" / "results.json").read_text()
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+    labels = sorted(k for k in res["methods"] if k.startswith("lstm_update"))
+    assert labels == ["lstm_update@ck", "lstm_update@seed1"]
+    for k in labels:
+        e = res["methods"][k]
+        assert e["method"] == "lstm_update" and len(e["loss"]) == 3 and len(e["loss"][0]) == 6
+        assert len(e["grad_norm_sq"]) == 3 and e["diverged"] == [False, False, False]
+    assert res["methods"][labels[0]]["loss"] != res["methods"][labels[1]]["loss"]
