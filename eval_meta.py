@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -43,23 +42,12 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def finite_or_none(o):
-    """``o`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
-    if isinstance(o, dict):
-        return {k: finite_or_none(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [finite_or_none(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
     from metatele.checkpoint import CheckpointError, check_output_dir
-    from metatele.meta.evaluate import evaluate, load_method, summary_table
+    from metatele.meta.evaluate import evaluate, finite_or_none, load_method, summary_table
 
     if args.threads < 0:
         print(f"eval_meta.py: error: --threads {args.threads} must be >= 0 (0: torch's default)", file=sys.stderr)

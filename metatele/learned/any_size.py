@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from ..symmetry import normalise
-from ..config import LR_PARAMS, MAGNITUDE_MODES
-from .lstm import LSTMState, StackedLSTM, linear
+from ..config import MAGNITUDE_MODES
+from .lstm import LSTMState, StackedLSTM, bounded_step_size, linear, lr_head, magnitude_head
 from .preprocess import log_sign
 
 __all__ = ["NEURON_FEATURES", "neuron_statistics", "neuron_features", "hidden_widths", "low_rank_T",
@@ -112,27 +112,9 @@ class NeuronwiseTeleportLSTM(nn.Module):
         self.preprocess_p = float(preprocess_p)
         self.lstm = StackedLSTM(NEURON_FEATURES, hidden)
         self.head = nn.Linear(hidden, 2 * rank + 1)
-        self.mag_head = None
-        if magnitude_mode == "learned":  # starts near 0.88 magnitude, as TeleportLSTM
-            self.mag_head = nn.Linear(hidden, 1)
-            with torch.no_grad():
-                self.mag_head.weight.mul_(0.1)
-                self.mag_head.bias.fill_(2.0)
-        self.lr_head = None
-        if lr:
-            if not 0 < lr_min <= lr_init <= lr_max or lr_min == lr_max:
-                raise ValueError(f"need 0 < lr_min <= lr_init <= lr_max, lr_min < lr_max; got lr_min={lr_min}, "
-                                 f"lr_init={lr_init}, lr_max={lr_max}")
-            if lr_param not in LR_PARAMS:
-                raise ValueError(f"lr_param = {lr_param!r}; allowed: {list(LR_PARAMS)}")
-            self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
-            self.lr_head = nn.Linear(hidden, 1)
-            if lr_param == "log_sigmoid":
-                frac = (math.log(lr_init) - math.log(lr_min)) / (math.log(lr_max) - math.log(lr_min))
-                frac = min(max(frac, 1e-4), 1 - 1e-4)
-                with torch.no_grad():
-                    self.lr_head.weight.mul_(0.1)
-                    self.lr_head.bias.fill_(math.log(frac / (1 - frac)))
+        self.mag_head = magnitude_head(hidden) if magnitude_mode == "learned" else None
+        self.lr_head = lr_head(hidden, lr_min, lr_max, lr_param, lr_init) if lr else None
+        self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
 
     @property
     def hidden(self) -> int:
@@ -153,9 +135,7 @@ class NeuronwiseTeleportLSTM(nn.Module):
     def step_size(self, h: Tensor) -> Tensor:
         """``lr (B,)`` from the mean hidden state ``h (B, H)``."""
         z = linear(self.lr_head, h, self.lstm.defer_weight_grad).squeeze(-1)
-        if self.lr_param == "clamp":
-            return z.clamp(self.lr_min, self.lr_max)
-        return self.lr_min * torch.exp(torch.sigmoid(z) * math.log(self.lr_max / self.lr_min))
+        return bounded_step_size(z, self.lr_min, self.lr_max, self.lr_param)
 
     def forward(self, grads: Sequence[Tensor], state: LSTMState
                 ) -> tuple[list[Tensor], Tensor | None, LSTMState]:

@@ -59,6 +59,43 @@ def linear(layer: nn.Linear, x: Tensor, defer: bool = False) -> Tensor:
     return deferred_linear(x, layer.weight, layer.bias) if defer else layer(x)
 
 
+def magnitude_head(hidden: int) -> nn.Linear:
+    """Head of the learned teleport distance ``s = sigmoid(head(h))``, initialised so that ``s`` starts
+    near 0.88 (``teleport.magnitude_mode = "learned"``)."""
+    head = nn.Linear(hidden, 1)
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+        head.bias.fill_(2.0)
+    return head
+
+
+def lr_head(hidden: int, lr_min: float, lr_max: float, lr_param: str, lr_init: float) -> nn.Linear:
+    """Head of a learned step size (see :func:`bounded_step_size`), with the range checked. With
+    ``"log_sigmoid"`` its bias is set so that the untrained head proposes ``lr_init`` (weight scaled by 0.1)."""
+    if not 0 < lr_min < lr_max:
+        raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
+    if lr_param not in LR_PARAMS:
+        raise ValueError(f"lr_param = {lr_param!r}; allowed: {list(LR_PARAMS)}")
+    if not lr_min <= lr_init <= lr_max:
+        raise ValueError(f"lr_init = {lr_init} must lie in [lr_min, lr_max] = [{lr_min}, {lr_max}]")
+    head = nn.Linear(hidden, 1)
+    if lr_param == "log_sigmoid":
+        frac = (math.log(lr_init) - math.log(lr_min)) / (math.log(lr_max) - math.log(lr_min))
+        frac = min(max(frac, 1e-4), 1 - 1e-4)
+        with torch.no_grad():
+            head.weight.mul_(0.1)
+            head.bias.fill_(math.log(frac / (1 - frac)))
+    return head
+
+
+def bounded_step_size(z: Tensor, lr_min: float, lr_max: float, lr_param: str) -> Tensor:
+    """Step size from the head's output ``z``: ``clamp(z, lr_min, lr_max)`` (P2, ``"clamp"``) or
+    ``lr_min (lr_max / lr_min)^sigmoid(z)`` (``"log_sigmoid"``)."""
+    if lr_param == "clamp":
+        return z.clamp(lr_min, lr_max)
+    return lr_min * torch.exp(torch.sigmoid(z) * math.log(lr_max / lr_min))
+
+
 class StackedLSTM(nn.Module):
     """Two stacked ``nn.LSTMCell``s: ``x (N, n_in) -> h_2 (N, hidden)``.
 
@@ -211,12 +248,8 @@ class TeleportLSTM(_GradLSTM):
             raise ValueError(f"magnitude_mode = {magnitude_mode!r}; allowed: {list(MAGNITUDE_MODES)}")
         self.k, self.magnitude, self.magnitude_mode = int(k), float(magnitude), magnitude_mode
         self.head = nn.Linear(hidden, self.k * self.k)
-        self.mag_head = None
-        if magnitude_mode == "learned":  # ||T|| = magnitude * sigmoid(mag_head(h)), starts near 0.88 magnitude
-            self.mag_head = nn.Linear(hidden, 1)
-            with torch.no_grad():
-                self.mag_head.weight.mul_(0.1)
-                self.mag_head.bias.fill_(2.0)
+        # ||T|| = magnitude * sigmoid(mag_head(h)) with magnitude_mode = "learned"
+        self.mag_head = magnitude_head(hidden) if magnitude_mode == "learned" else None
 
     def _T(self, h: Tensor) -> Tensor:
         """``T = magnitude * s * D / ||D||_F`` with ``D`` the head's ``k x k`` output and ``s = 1`` (P2,
@@ -247,27 +280,12 @@ class LrTeleportLSTM(TeleportLSTM):
                  lr_init: float = 1e-4, magnitude_mode: str = "fixed"):
         super().__init__(n_in, k, hidden, magnitude=magnitude, preprocess=preprocess, preprocess_p=preprocess_p,
                          input_scale=input_scale, magnitude_mode=magnitude_mode)
-        if not 0 < lr_min < lr_max:
-            raise ValueError(f"need 0 < lr_min < lr_max, got lr_min={lr_min}, lr_max={lr_max}")
-        if lr_param not in LR_PARAMS:
-            raise ValueError(f"lr_param = {lr_param!r}; allowed: {list(LR_PARAMS)}")
-        if not lr_min <= lr_init <= lr_max:
-            raise ValueError(f"lr_init = {lr_init} must lie in [lr_min, lr_max] = [{lr_min}, {lr_max}]")
+        self.lr_head = lr_head(hidden, lr_min, lr_max, lr_param, lr_init)
         self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
-        self.lr_head = nn.Linear(hidden, 1)
-        if lr_param == "log_sigmoid":
-            frac = (math.log(lr_init) - math.log(lr_min)) / (math.log(lr_max) - math.log(lr_min))
-            frac = min(max(frac, 1e-4), 1 - 1e-4)
-            with torch.no_grad():
-                self.lr_head.weight.mul_(0.1)
-                self.lr_head.bias.fill_(math.log(frac / (1 - frac)))
 
     def step_size(self, h: Tensor) -> Tensor:
         z = linear(self.lr_head, h, self.lstm.defer_weight_grad).squeeze(-1)
-        if self.lr_param == "clamp":
-            return z.clamp(self.lr_min, self.lr_max)
-        log_ratio = math.log(self.lr_max / self.lr_min)
-        return self.lr_min * torch.exp(torch.sigmoid(z) * log_ratio)
+        return bounded_step_size(z, self.lr_min, self.lr_max, self.lr_param)
 
     def forward(self, grad_pair: Tensor, state: LSTMState):  # type: ignore[override]
         h, state = self.lstm(self._features(grad_pair), state)

@@ -49,15 +49,16 @@ def method_labels(names: Sequence[str], paths: Sequence[str | Path]) -> list[str
     return labels
 
 
-def finite_or_none(values) -> list:
-    """A list of numbers as strict JSON allows: non-finite entries become ``None`` (nested lists too)."""
-    out = []
-    for v in values:
-        if isinstance(v, (list, tuple)):
-            out.append(finite_or_none(v))
-        else:
-            out.append(float(v) if math.isfinite(v) else None)
-    return out
+def finite_or_none(o):
+    """``o`` (numbers, lists, tuples, dicts, nested) as strict JSON allows: every non-finite float becomes
+    ``None`` (JSON ``null``); everything else is kept."""
+    if isinstance(o, dict):
+        return {k: finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_none(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def evaluate(ckpts: Sequence[str | Path], *, seeds: int | None = None, steps: int | None = None,
@@ -173,7 +174,7 @@ def run_entry(method: str, r: dict[str, torch.Tensor]) -> dict[str, Any]:
              "diverged": (~ok.all(1)).tolist()}
     if "lr" in r and method == "lstm_lr_tele":
         entry["lr_mean"] = r["lr"].double().mean(0).tolist()
-    return {k: (finite_or_none(v) if k not in ("method", "diverged") else v) for k, v in entry.items()}
+    return finite_or_none(entry)
 
 
 def _nanstd(a: torch.Tensor) -> torch.Tensor:

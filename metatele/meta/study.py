@@ -265,23 +265,12 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
     summary = {"config": config_to_dict(cfg), "methods": list(methods), "seeds": list(seeds),
                "eval_seeds": res["eval_seeds"], "steps": H, "train_steps": train_steps,
                "train_wall_s": train_wall, "eval_wall_s": round(eval_wall, 2), "stats": stats,
-               "curves": {m: finite_or_none(L.tolist()) for m, L in curves.items()}}
-    (out / "study.json").write_text(json.dumps(_strict(summary), allow_nan=False))
+               "curves": {m: L.tolist() for m, L in curves.items()}}
+    (out / "study.json").write_text(json.dumps(finite_or_none(summary), allow_nan=False))
     if plots:
         plot_study(curves, horizons, out)
     log(text)
     return summary
-
-
-def _strict(x):
-    """Replace non-finite floats anywhere in a JSON-able structure by None."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _strict(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict(v) for v in x]
-    return x
 
 
 def main(argv=None) -> int:

@@ -217,9 +217,8 @@ class MetaTrainer:
             applied = self._meta_update(meta)
             m = float(meta.detach()) / k
             s = s.cut()
-            rows_bad = torch.zeros(rec.shape[1], dtype=torch.bool, device=rec.device)
-            for w in s.weights:  # trajectories whose weights went non-finite
-                rows_bad |= ~torch.isfinite(w).flatten(1).all(1)
+            # trajectories whose weights went non-finite
+            rows_bad = torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in s.weights]).any(0)
             bad = bool(rows_bad.any())
             if self.window_hook is not None:  # world-wide meta-loss; stop on every rank if one diverged
                 m, bad = self.window_hook(m, bad)
