@@ -239,6 +239,9 @@ class MetaConfig:
       < 1 weighs the latest steps most, Zamir et al. 2025).
     first_order: True (P2): the gradients fed to the LSTMs are constants; False: second-order
       meta-gradients through them.
+    through_teleport: with ``first_order``, the gradient at a teleported point stays differentiable in the
+      ``T`` that moved it there (second order along the teleport's path only), so the teleport LSTM learns
+      from the gradient its teleport produces, not only from where the next update lands (P2: false).
     lr_update: Adam step of the update LSTM (P2: 1e-3).
     lr_teleport: Adam step of the teleport LSTM (P2: 1e-4).
     lr_lr_teleport: Adam step of the LrTeleportLSTM (P2's code: 1e-4, hard-coded there).
@@ -249,6 +252,7 @@ class MetaConfig:
     meta_loss: str = "sum"
     decay: float = 1.0
     first_order: bool = True
+    through_teleport: bool = False
     lr_update: float = 1e-3
     lr_teleport: float = 1e-4
     lr_lr_teleport: float = 1e-4
@@ -258,8 +262,9 @@ class MetaConfig:
         _check_range("meta.unroll", self.unroll, 1, 10**6, integer=True)
         _check_choice("meta.meta_loss", self.meta_loss, META_LOSSES)
         _check_range("meta.decay", self.decay, 0, 1.0, lo_open=True)
-        if not isinstance(self.first_order, bool):
-            raise ValueError(f"meta.first_order = {self.first_order!r} must be true or false")
+        for k in ("first_order", "through_teleport"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"meta.{k} = {getattr(self, k)!r} must be true or false")
         for k in ("lr_update", "lr_teleport", "lr_lr_teleport"):
             _check_range(f"meta.{k}", getattr(self, k), 0, 1.0, lo_open=True)
         _check_range("meta.grad_clip", self.grad_clip, 0, None)

@@ -56,6 +56,57 @@ def test_teleport_then_update_order_runs_and_matches_reference():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("order", ["update_then_teleport", "teleport_then_update"])
+@pytest.mark.parametrize("method_name", ["lstm_update_tele", "lstm_lr_tele"])
+def test_through_teleport_is_second_order_along_the_teleport_only(method_name, order):
+    """meta.through_teleport: in a window whose only gradient taken at a teleported point is the last
+    one (K = 2 after an update-then-teleport step, K = 1 for teleport-then-update), the teleport LSTM's
+    meta-gradient equals full second-order autograd (first_order=False) and the update LSTM's equals
+    first order; the losses are unchanged, and higher agrees with the plain-autograd stepper."""
+    cfg = tiny_config(problem__dtype="float64", teleport__order=order)
+    m = build_method(method_name, cfg).double()
+    prob = regression_batch(cfg.problem.dims, train_seeds(3), dtype=torch.float64)
+    K = 2 if order == "update_then_teleport" else 1
+
+    def grads(stepper, through):
+        s = start(m, prob.weights, prob.X, prob.Y)
+        s, meta, rec = run_window(m, s, K, stepper, through_teleport=through)
+        g = torch.autograd.grad(meta, list(m.parameters()), allow_unused=True)
+        return rec, {n: torch.zeros_like(p) if x is None else x for (n, p), x in zip(m.named_parameters(), g)}
+
+    rec_fo, first = grads(HigherStepper(2, first_order=True), False)
+    rec_so, second = grads(HigherStepper(2, first_order=False), False)
+    rec_th, through = grads(HigherStepper(2, first_order=True), True)
+    _, through_ref = grads(AutogradStepper(first_order=True), True)
+    torch.testing.assert_close(rec_th, rec_fo, rtol=0, atol=0)
+    torch.testing.assert_close(rec_th, rec_so, rtol=0, atol=0)
+    moved = 0.0
+    for n, g in through.items():
+        ref = second[n] if n.startswith("tele_nets.") else first[n]
+        torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(g, through_ref[n], rtol=1e-12, atol=1e-15)
+        if n.startswith("tele_nets.") and "head" in n and "lr_head" not in n:
+            moved = max(moved, float((g - first[n]).norm() / g.norm()))
+    assert moved > 1e-3  # the teleport path is really there (first order misses it)
+
+
+def test_through_teleport_trains_and_leaves_lstm_update_alone():
+    cfg = tiny_config(meta__through_teleport=True)
+    tr = MetaTrainer("lstm_update_tele", cfg)
+    info = tr.run_meta_batch()
+    assert info["diverged"] is False and all(torch.isfinite(p).all() for p in tr.method.parameters())
+    a = MetaTrainer("lstm_update", cfg)
+    b = MetaTrainer("lstm_update", tiny_config())
+    a.run_meta_batch(), b.run_meta_batch()
+    for x, y in zip(a.method.parameters(), b.method.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_through_teleport_must_be_boolean():
+    with pytest.raises(ValueError, match="through_teleport"):
+        tiny_config(meta__through_teleport="yes")
+
+
 @pytest.mark.parametrize("method_name", METHODS)
 def test_meta_gradient_finite_differences(method_name):
     """Second-order meta-gradient through the higher unroll = central differences of the meta-loss."""

@@ -213,7 +213,8 @@ class MetaTrainer:
         while s.t < steps:
             k = min(K, steps - s.t)
             s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
-                                      decay=self.cfg.meta.decay, stop_sync=self.stop_hook)
+                                      decay=self.cfg.meta.decay, stop_sync=self.stop_hook,
+                                      through_teleport=self.cfg.meta.through_teleport)
             applied = self._meta_update(meta)
             m = float(meta.detach()) / k
             s = s.cut()

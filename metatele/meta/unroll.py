@@ -11,6 +11,12 @@ One inner step ``t`` on weights ``w_t`` (``W_i (B, out, in)``, ``B`` trajectorie
 ``update`` is ``w - UpdateLSTM(g)`` or ``w - lr_t g`` (LSTM(lr,tele), ``lr_t`` proposed at step t-1,
 ``lstm.lr_init`` at step 0). The recorded loss of step ``t`` is ``L(w_t)``, before the step.
 
+``through_teleport`` (``meta.through_teleport``, with first-order meta-gradients): the gradient taken at a
+teleported point ``g(T) . w'`` keeps its dependence on that ``T``. It is evaluated at
+``g(T) . stop_grad(w')`` (same value), with ``create_graph``, so the meta-gradient sees how the teleport
+changed the gradient the next update reads (the mechanism the papers teleport for), while the update
+LSTM's own path stays first-order (full second order, ``meta.first_order = false``, is unstable there).
+
 Meta-loss of the window of steps ``t0 .. t0+K-1`` (``w_{t0}`` is a detached leaf): the weighted sum
 ``sum_{j=1..K} decay^(K-j) f(L(w_{t0+j}))`` averaged over trajectories, i.e. the losses *after* each
 update of the window (every term depends on the LSTMs), with ``f`` the identity (P2's sum), ``log`` or
@@ -29,7 +35,7 @@ from ..config import META_LOSSES
 from ..learned.methods import LearnedMethod
 from ..learned.teleport import action_dtype
 from ..nets import mse_loss
-from .higher_adapter import AutogradStepper, HigherStepper, NoGradStepper
+from .higher_adapter import AutogradStepper, HigherStepper, NoGradStepper, independent
 
 __all__ = ["InnerState", "start", "inner_step", "window_meta_loss", "run_window", "rollout", "STEPPERS"]
 
@@ -41,7 +47,9 @@ class InnerState:
     """Everything one batch of trajectories carries between inner steps.
 
     weights: ``W_i (B, out, in)``; X ``(B, d_in, b)``; Y ``(B, d_out, b)``; X_pinv ``(B, b, d_in)`` in the
-    teleport's compute dtype; lstm: the method's recurrent state; t: index of the next inner step.
+    teleport's compute dtype; lstm: the method's recurrent state; t: index of the next inner step;
+    tele_view: the same weights as ``g(T) . stop_grad(w')`` when the last step teleported under
+    ``through_teleport`` (their graph reaches only ``T``), else None.
     """
 
     weights: tuple[Tensor, ...]
@@ -50,6 +58,7 @@ class InnerState:
     X_pinv: Tensor | None
     lstm: dict[str, Any]
     t: int = 0
+    tele_view: tuple[Tensor, ...] | None = None
 
     def cut(self, requires_grad: bool = True) -> "InnerState":
         """Truncation boundary: detach weights and recurrent state (no graph crosses it)."""
@@ -59,8 +68,9 @@ class InnerState:
     def select(self, keep: Tensor) -> "InnerState":
         """The trajectories ``keep`` (indices into the batch) alone, e.g. to go on without diverged ones."""
         pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
+        view = None if self.tele_view is None else tuple(pick(w) for w in self.tele_view)
         return InnerState(tuple(pick(w) for w in self.weights), pick(self.X), pick(self.Y), pick(self.X_pinv),
-                          LearnedMethod.select_state(self.lstm, keep), self.t)
+                          LearnedMethod.select_state(self.lstm, keep), self.t, view)
 
 
 def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
@@ -78,13 +88,21 @@ def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor
     return InnerState(w, X, Y, X_pinv, st, 0)
 
 
-def inner_step(method: LearnedMethod, s: InnerState, stepper) -> tuple[InnerState, Tensor, Tensor]:
+def _grad_at_view(view: Sequence[Tensor], lf) -> tuple[Tensor, ...]:
+    """The gradient of the loss at ``view`` (``g(T) . stop_grad(w')``), kept differentiable in ``T``."""
+    v = independent(view)
+    return tuple(torch.autograd.grad(lf(v).sum(), list(v), create_graph=True))
+
+
+def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_teleport: bool = False
+               ) -> tuple[InnerState, Tensor, Tensor]:
     """One inner step (see the module docstring).
 
     Returns ``(new state, L(w_t) (B,) with its graph, ||g_t||^2 (B,) detached)``.
     """
     c = method.tele_cfg
     X, Y = s.X, s.Y
+    through = through_teleport and stepper.first_order and torch.is_grad_enabled()
 
     def lf(w):
         return mse_loss(w, X, Y)
@@ -95,19 +113,34 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper) -> tuple[InnerStat
         new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
         return new
 
+    def teleported(w, Ts):
+        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)``."""
+        out = method.teleport(w, X, Ts, s.X_pinv)
+        view = method.teleport(tuple(x.detach() for x in w), X, Ts, s.X_pinv) if through else None
+        return out, view
+
+    def loss_grad_step(w, view):
+        if view is None:
+            return stepper.step(w, lf, rule)
+        loss = lf(independent(w))
+        g = _grad_at_view(view, lf)
+        return loss, tuple(rule(tuple(w), g)), g
+
+    view = None
     do_tele = method.learn_tele and s.t % c.every == 0 and (method.tele_until == 0 or s.t < method.tele_until)
     if do_tele and c.order == "teleport_then_update":
-        loss, g = stepper.grad(s.weights, lf)
+        loss, g = (stepper.grad(s.weights, lf) if s.tele_view is None
+                   else (lf(independent(s.weights)), _grad_at_view(s.tele_view, lf)))
         Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
-        w = method.teleport(s.weights, X, Ts, s.X_pinv)
-        _, new, _ = stepper.step(w, lf, rule)
+        w, w_view = teleported(s.weights, Ts)
+        _, new, _ = loss_grad_step(w, w_view)
     else:
-        loss, new, g = stepper.step(s.weights, lf, rule)
+        loss, new, g = loss_grad_step(s.weights, s.tele_view)
         if do_tele:
             Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
-            new = method.teleport(new, X, Ts, s.X_pinv)
+            new, view = teleported(new, Ts)
     gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
-    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1), loss, gn
+    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view), loss, gn
 
 
 def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "sum",
@@ -137,8 +170,8 @@ def _all_finite(x: Tensor) -> bool:
 
 
 def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: str = "sum",
-               decay: float = 1.0, stop_sync: Callable[[int], int] | None = None
-               ) -> tuple[InnerState, Tensor, Tensor]:
+               decay: float = 1.0, stop_sync: Callable[[int], int] | None = None,
+               through_teleport: bool = False) -> tuple[InnerState, Tensor, Tensor]:
     """Unroll ``K`` inner steps from ``s`` (whose weights should be detached leaves, see ``cut``).
 
     Returns ``(state after the window (graph attached), meta-loss (scalar, graph attached),
@@ -154,6 +187,8 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
     end loss, ``K + 1`` for none). Every process unrolls until its own stop, then, after that one
     collective, rewinds to the step where one process with every trajectory would have stopped (same
     state, records and meta-loss terms): one collective per window instead of one per step.
+
+    through_teleport: see the module docstring (first-order steppers only; ignored otherwise).
     """
     if K < 1:
         raise ValueError(f"window length K = {K} must be >= 1")
@@ -161,7 +196,7 @@ def run_window(method: LearnedMethod, s: InnerState, K: int, stepper, *, kind: s
     start_loss = None
     stop = K + 1
     for j in range(K):
-        s, loss_t, _ = inner_step(method, s, stepper)
+        s, loss_t, _ = inner_step(method, s, stepper, through_teleport=through_teleport)
         recorded.append(loss_t.detach())
         states.append(s)
         if j == 0:
