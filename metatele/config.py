@@ -373,18 +373,22 @@ class EvalConfig:
 class MethodConfig:
     """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps,
     ``batch`` of them per meta-batch (0: ``train.batch``); ``magnitude``: this method's ``||T||_F``
-    (0: ``teleport.magnitude``)."""
+    (0: ``teleport.magnitude``); ``magnitude_mode``: this method's ``"fixed"`` or ``"learned"`` distance
+    ("": ``teleport.magnitude_mode``)."""
 
     trajectories: int
     steps: int
     batch: int = 0
     magnitude: float = 0.0
+    magnitude_mode: str = ""
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
         _check_range(f"methods.{name}.steps", self.steps, 1, 10**7, integer=True)
         _check_range(f"methods.{name}.batch", self.batch, 0, 10**6, integer=True)
         _check_range(f"methods.{name}.magnitude", self.magnitude, 0, 1.0)
+        if self.magnitude_mode != "":
+            _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
 
 
 def _paper_methods() -> dict[str, MethodConfig]:
@@ -407,11 +411,15 @@ class Config:
         return m.batch if m is not None and m.batch > 0 else self.train.batch
 
     def teleport_of(self, method: str) -> TeleportConfig:
-        """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude`` if it has one."""
+        """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude`` and
+        ``magnitude_mode`` where it has them."""
         m = self.methods.get(method)
+        own = {}
         if m is not None and m.magnitude > 0:
-            return dataclasses.replace(self.teleport, magnitude=m.magnitude)
-        return self.teleport
+            own["magnitude"] = m.magnitude
+        if m is not None and m.magnitude_mode:
+            own["magnitude_mode"] = m.magnitude_mode
+        return dataclasses.replace(self.teleport, **own) if own else self.teleport
 
     def validate(self) -> "Config":
         self.problem.validate()

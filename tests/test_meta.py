@@ -429,3 +429,14 @@ def test_per_method_magnitude_and_batch():
     cfg.methods["lstm_update"].magnitude = -1
     with pytest.raises(ValueError, match="methods.lstm_update.magnitude"):
         cfg.validate()
+
+
+def test_per_method_magnitude_mode():
+    cfg = tiny_config()
+    cfg.methods["lstm_update_tele"].magnitude_mode = "learned"
+    cfg.validate()
+    assert build_method("lstm_update_tele", cfg).tele_cfg.magnitude_mode == "learned"
+    assert build_method("lstm_lr_tele", cfg).tele_cfg.magnitude_mode == cfg.teleport.magnitude_mode == "fixed"
+    cfg.methods["lstm_update_tele"].magnitude_mode = "large"
+    with pytest.raises(ValueError, match="methods.lstm_update_tele.magnitude_mode"):
+        cfg.validate()

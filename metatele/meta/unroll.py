@@ -114,10 +114,14 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         return new
 
     def teleported(w, Ts):
-        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)``."""
-        out = method.teleport(w, X, Ts, s.X_pinv)
-        view = method.teleport(tuple(x.detach() for x in w), X, Ts, s.X_pinv) if through else None
-        return out, view
+        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (both in one batched call)."""
+        if not through:
+            return method.teleport(w, X, Ts, s.X_pinv), None
+        B = X.shape[0]
+        two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+        both = method.teleport(tuple(torch.cat([x, x.detach()]) for x in w), two(X), [two(T) for T in Ts],
+                               two(s.X_pinv))
+        return tuple(x[:B] for x in both), tuple(x[B:] for x in both)
 
     def loss_grad_step(w, view):
         if view is None:
