@@ -51,8 +51,8 @@ def apply_poison(trainer, poison: dict | None, setattr_):
     if t_div is not None or t_inf is not None:
         orig_step = um.inner_step
 
-        def inner_step(method, s_in, stepper):
-            s, loss, gn = orig_step(method, s_in, stepper)
+        def inner_step(method, s_in, stepper, **kw):
+            s, loss, gn = orig_step(method, s_in, stepper, **kw)
             if s.t == t_div:
                 nan = float("nan")
                 s.weights = tuple(torch.cat([w[:-1], torch.full_like(w[-1:], nan)]) for w in s.weights)

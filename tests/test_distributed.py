@@ -63,7 +63,7 @@ def run_world(spec: dict, world: int, tmp: Path, timeout: float = 120) -> list[s
             if p.poll() is None:
                 p.kill()
     for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{out[-3000:]}"
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{out[-3000:]}\n" + "\n".join(o[-3000:] for o in outs)
     return outs
 
 

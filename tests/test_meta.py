@@ -2,6 +2,7 @@
 between truncation windows, resume, seeds, non-finite meta-updates, evaluation."""
 import re
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,3 +441,22 @@ def test_per_method_magnitude_mode():
     cfg.methods["lstm_update_tele"].magnitude_mode = "large"
     with pytest.raises(ValueError, match="methods.lstm_update_tele.magnitude_mode"):
         cfg.validate()
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    for m in cfg.methods:
+        build_method(m, cfg)  # every method of every configuration builds
+
+
+def test_paper_fast_through_differs_from_paper_fast_only_where_it_says():
+    from metatele.config import config_to_dict
+    a = config_to_dict(load_config(CONFIGS / "paper_fast.toml"))
+    b = config_to_dict(load_config(CONFIGS / "paper_fast_through.toml"))
+    diff = {(sec, k) for sec in a for k in (a[sec] if isinstance(a[sec], dict) else {}) if a[sec][k] != b[sec].get(k)}
+    assert diff == {("meta", "through_teleport"), ("methods", "lstm_update_tele")}
+    assert b["methods"]["lstm_update_tele"]["magnitude_mode"] == "learned"
