@@ -324,10 +324,13 @@ def _train(args, ctx, cfg, methods, CheckpointError) -> int:
         if n % B:
             say(f"note: {tr.name}: {n} trajectories is not a whole number of meta-batches of {B}; "
                 f"trains {tr.n_meta_batches * B} ({tr.n_meta_batches} meta-batch(es))")
+    from metatele.devices import cpu_threads
+
     t0 = time.perf_counter()
     for tr, path in jobs:
-        try:
-            interrupted, summ = train_one(tr, path, not args.no_progress and ctx.is_main)
+        try:  # --threads, else the method's own methods.<name>.threads, else torch's default
+            with cpu_threads(0 if args.threads else tr.cfg.threads_of(tr.name)):
+                interrupted, summ = train_one(tr, path, not args.no_progress and ctx.is_main)
         except RuntimeError as e:
             if not ctx.distributed:
                 raise

@@ -201,6 +201,11 @@ class TeleportConfig:
       made most runs diverge by 3x the horizon).
     compute_dtype: precision of the group action (``"float64"`` keeps the loss to ~1e-8 relative in a
       float32 network whose X has condition number ~1e4; ``"same"`` uses the network's dtype).
+    first_magnitude: ``||T||_F`` of the teleport at inner step 0 alone (0: ``magnitude``, P2); with
+      ``magnitude_mode = "learned"`` its largest value. At most 0.99, so that ``I + T`` stays invertible.
+    taper: over the last ``taper`` teleporting steps before ``until`` (or the horizon with
+      ``until_horizon``), ``T`` shrinks linearly towards 0 (step ``t`` gets ``(until - t) / (taper + 1)``),
+      so the teleports end gradually instead of at once (0: off, P2).
     """
 
     action: str = "inverse"
@@ -212,6 +217,8 @@ class TeleportConfig:
     until: int = 0
     until_horizon: bool = False
     compute_dtype: str = "float64"
+    first_magnitude: float = 0.0
+    taper: int = 0
 
     def validate(self) -> None:
         _check_choice("teleport.action", self.action, LEARNED_ACTIONS)
@@ -224,6 +231,11 @@ class TeleportConfig:
         if not isinstance(self.until_horizon, bool):
             raise ValueError(f"teleport.until_horizon = {self.until_horizon!r} must be true or false")
         _check_choice("teleport.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_range("teleport.first_magnitude", self.first_magnitude, 0, 0.99)
+        _check_range("teleport.taper", self.taper, 0, 10**9, integer=True)
+        if self.taper > 0 and self.until == 0 and not self.until_horizon:
+            raise ValueError(f"teleport.taper = {self.taper} needs an end to taper towards: set teleport.until "
+                             f"or teleport.until_horizon = true")
 
 
 @dataclass
@@ -374,19 +386,23 @@ class MethodConfig:
     """Meta-training counts of one method: ``trajectories`` initialisations of ``steps`` inner steps,
     ``batch`` of them per meta-batch (0: ``train.batch``); ``magnitude``: this method's ``||T||_F``
     (0: ``teleport.magnitude``); ``magnitude_mode``: this method's ``"fixed"`` or ``"learned"`` distance
-    ("": ``teleport.magnitude_mode``)."""
+    ("": ``teleport.magnitude_mode``); ``threads``: torch CPU threads while this method meta-trains, unless
+    the command line sets ``--threads`` (0: torch's default). A method with small LSTMs and few trajectories
+    per meta-batch (LSTM(lr,tele) at 2) runs faster on one thread: a second one only adds synchronisation."""
 
     trajectories: int
     steps: int
     batch: int = 0
     magnitude: float = 0.0
     magnitude_mode: str = ""
+    threads: int = 0
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
         _check_range(f"methods.{name}.steps", self.steps, 1, 10**7, integer=True)
         _check_range(f"methods.{name}.batch", self.batch, 0, 10**6, integer=True)
         _check_range(f"methods.{name}.magnitude", self.magnitude, 0, 1.0)
+        _check_range(f"methods.{name}.threads", self.threads, 0, 4096, integer=True)
         if self.magnitude_mode != "":
             _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
 
@@ -409,6 +425,11 @@ class Config:
         """Trajectories per meta-batch of ``method``: its own ``batch``, else ``train.batch``."""
         m = self.methods.get(method)
         return m.batch if m is not None and m.batch > 0 else self.train.batch
+
+    def threads_of(self, method: str) -> int:
+        """Torch CPU threads for meta-training ``method`` (0: leave torch's setting)."""
+        m = self.methods.get(method)
+        return m.threads if m is not None else 0
 
     def teleport_of(self, method: str) -> TeleportConfig:
         """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude`` and

@@ -5,10 +5,24 @@ Used by the meta-trainer, the evaluation and the data-parallel layer (:mod:`meta
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
-__all__ = ["shard", "env_world", "resolve_device"]
+__all__ = ["shard", "env_world", "resolve_device", "cpu_threads"]
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads (0: leave the count as it is), then restore the count."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:

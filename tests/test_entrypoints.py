@@ -391,3 +391,32 @@ def test_eval_several_seeds_of_one_method_keeps_per_initialisation_curves(traine
         assert e["method"] == "lstm_update" and len(e["loss"]) == 3 and len(e["loss"][0]) == 6
         assert len(e["grad_norm_sq"]) == 3 and e["diverged"] == [False, False, False]
     assert res["methods"][labels[0]]["loss"] != res["methods"][labels[1]]["loss"]
+
+
+def test_train_uses_each_methods_own_threads_unless_the_command_line_sets_them(tmp_path, monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_meta_under_test", ROOT / "train_meta.py")
+    tm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tm)
+    assert TINY_TOML.rstrip().endswith("[methods.lstm_lr_tele]\ntrajectories = 4\nsteps = 6")
+    (tmp_path / "tiny.toml").write_text(TINY_TOML.rstrip() + "\nthreads = 1\n")
+    seen = {}
+
+    def fake_train_one(tr, path, progress):
+        seen[tr.name] = torch.get_num_threads()
+        return False, {"method": tr.name, "meta_batches": 0, "trajectories": 0, "updates": 0, "skipped": 0,
+                       "diverged": 0, "dropped": 0, "wall_s": 0.0, "final_meta_loss": None}
+
+    monkeypatch.setattr(tm, "train_one", fake_train_one)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ["--config", str(tmp_path / "tiny.toml"), "--no-progress", "--method", "lstm_lr_tele",
+                "--method", "lstm_update"]
+        assert tm.main(args + ["--out", str(tmp_path / "a")]) == 0
+        assert seen == {"lstm_lr_tele": 1, "lstm_update": 2}
+        torch.set_num_threads(2)
+        assert tm.main(args + ["--out", str(tmp_path / "b"), "--threads", "2"]) == 0
+        assert seen == {"lstm_lr_tele": 2, "lstm_update": 2}
+    finally:
+        torch.set_num_threads(before)

@@ -460,3 +460,45 @@ def test_paper_fast_through_differs_from_paper_fast_only_where_it_says():
     diff = {(sec, k) for sec in a for k in (a[sec] if isinstance(a[sec], dict) else {}) if a[sec][k] != b[sec].get(k)}
     assert diff == {("meta", "through_teleport"), ("methods", "lstm_update_tele")}
     assert b["methods"]["lstm_update_tele"]["magnitude_mode"] == "learned"
+
+
+def test_teleport_scale_first_magnitude_and_taper():
+    cfg = tiny_config(teleport__first_magnitude=0.5, teleport__taper=3, teleport__until_horizon=True)
+    m = build_method("lstm_update_tele", cfg)  # magnitude 0.05, horizon 6
+    assert m.tele_until == 6
+    scales = [m.teleport_scale(t) for t in range(8)]
+    assert scales == pytest.approx([10.0, 1.0, 1.0, 3 / 4, 2 / 4, 1 / 4, 0.0, 0.0])
+    # the scaled T is what the action receives: a step-0 teleport 10x as far as with the plain config
+    prob = regression_batch(cfg.problem.dims, train_seeds(2), dtype=torch.float64)
+    seen = []
+    orig = m.teleport
+    m.teleport = lambda w, X, Ts, Xp=None: (seen.append([float(T.flatten(1).norm(dim=1).max()) for T in Ts]),
+                                            orig(w, X, Ts, Xp))[1]
+    m.double()
+    rollout(m, prob.weights, prob.X, prob.Y, 6)
+    assert seen[0][0] == pytest.approx(0.5, rel=1e-6) and seen[1][0] == pytest.approx(0.05, rel=1e-6)
+    assert seen[5][0] == pytest.approx(0.05 / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("key, value, match", [("first_magnitude", 1.0, "first_magnitude"),
+                                               ("taper", -1, "taper"), ("taper", 2, "needs an end")])
+def test_teleport_schedule_validation(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{f"teleport__{key}": value})
+
+
+def test_cpu_threads_restores_and_per_method_threads_validate():
+    from metatele.devices import cpu_threads
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(0):
+        assert torch.get_num_threads() == before
+    cfg = tiny_config()
+    cfg.methods["lstm_lr_tele"].threads = 1
+    cfg.validate()
+    assert cfg.threads_of("lstm_lr_tele") == 1 and cfg.threads_of("lstm_update") == 0
+    cfg.methods["lstm_lr_tele"].threads = -1
+    with pytest.raises(ValueError, match="methods.lstm_lr_tele.threads"):
+        cfg.validate()

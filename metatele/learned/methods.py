@@ -238,6 +238,16 @@ class LearnedMethod(nn.Module):
             state["lr"] = torch.stack(lrs).mean(0)
         return Ts, state
 
+    def teleport_scale(self, t: int) -> float:
+        """Factor on the teleport LSTMs' ``T`` at inner step ``t``: ``first_magnitude / magnitude`` at
+        ``t = 0`` (``teleport.first_magnitude``), times ``(until - t) / (taper + 1)`` over the last ``taper``
+        steps before ``tele_until`` (``teleport.taper``); 1 otherwise."""
+        c = self.tele_cfg
+        scale = c.first_magnitude / c.magnitude if t == 0 and c.first_magnitude > 0 and c.magnitude > 0 else 1.0
+        if c.taper > 0 and self.tele_until > 0 and t >= self.tele_until - c.taper:
+            scale *= max(self.tele_until - t, 0) / (c.taper + 1)
+        return scale
+
     def teleport(self, weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Tensor],
                  X_pinv: Tensor | None = None) -> tuple[Tensor, ...]:
         """Apply the group elements from ``Ts`` with the configured action (exact by default)."""

@@ -39,6 +39,7 @@ import torch
 
 from ..checkpoint import CheckpointError, CheckpointLock, check_output_dir, load_checkpoint
 from ..config import METHODS, Config, config_from_dict, config_to_dict, load_config
+from ..devices import cpu_threads
 from .evaluate import evaluate, finite_or_none
 from .figures import LABELS
 from .trainer import MetaTrainer
@@ -82,12 +83,13 @@ def seed_config(base: Config, k: int) -> Config:
     return config_from_dict(d)
 
 
-def train_seed(cfg: Config, method: str, path: Path, *, log=print) -> float:
+def train_seed(cfg: Config, method: str, path: Path, *, log=print, threads: int = 0) -> float:
     """Meta-train ``method`` into ``path`` (resuming an incomplete checkpoint, skipping a complete one).
     Returns the meta-training wall time in seconds (from the checkpoint's progress). The checkpoint is
-    locked while it is trained (a second study process on the same seed stops with an error)."""
+    locked while it is trained (a second study process on the same seed stops with an error).
+    threads: the command line's ``--threads`` (0: the method's own ``methods.<name>.threads``, if any)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with CheckpointLock(path):
+    with CheckpointLock(path), cpu_threads(threads or cfg.threads_of(method)):
         return _train_locked(cfg, method, path, log)
 
 
@@ -230,15 +232,16 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: P
 
 def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, eval_seeds: int = 20,
               horizon: float = 3.0, do_eval: bool = True, plots: bool = True, log=print,
-              command: str = "") -> dict[str, Any] | None:
-    """Train every (seed, method) not yet complete, then evaluate and report (module docstring)."""
+              command: str = "", threads: int = 0) -> dict[str, Any] | None:
+    """Train every (seed, method) not yet complete, then evaluate and report (module docstring).
+    threads: the command line's ``--threads`` (0: each method's own ``methods.<name>.threads``, if any)."""
     out.mkdir(parents=True, exist_ok=True)
     train_wall: dict[str, dict[str, float]] = {}
     for k in seeds:
         scfg = seed_config(cfg, k)
         for m in methods:
             train_wall.setdefault(f"seed{k}", {})[m] = round(train_seed(scfg, m, out / f"seed{k}" / f"{m}.pt",
-                                                                        log=log), 2)
+                                                                        log=log, threads=threads), 2)
     if not do_eval:
         return None
     ckpts = [out / f"seed{k}" / f"{m}.pt" for k in seeds for m in methods]
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         command = "python -m metatele.meta.study " + " ".join(argv if argv is not None else sys.argv[1:])
         run_study(cfg, methods, seeds, out, eval_seeds=args.eval_seeds, horizon=args.horizon,
-                  do_eval=not args.no_eval, plots=not args.no_plots, command=command)
+                  do_eval=not args.no_eval, plots=not args.no_plots, command=command, threads=args.threads)
     except (ValueError, CheckpointError) as e:
         return fail(str(e))
     return 0

@@ -115,6 +115,9 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
 
     def teleported(w, Ts):
         """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (both in one batched call)."""
+        scale = method.teleport_scale(s.t)
+        if scale != 1.0:
+            Ts = [None if T is None else T * scale for T in Ts]
         if not through:
             return method.teleport(w, X, Ts, s.X_pinv), None
         B = X.shape[0]
