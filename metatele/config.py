@@ -388,7 +388,9 @@ class MethodConfig:
     (0: ``teleport.magnitude``); ``magnitude_mode``: this method's ``"fixed"`` or ``"learned"`` distance
     ("": ``teleport.magnitude_mode``); ``threads``: torch CPU threads while this method meta-trains, unless
     the command line sets ``--threads`` (0: torch's default). A method with small LSTMs and few trajectories
-    per meta-batch (LSTM(lr,tele) at 2) runs faster on one thread: a second one only adds synchronisation."""
+    per meta-batch (LSTM(lr,tele) at 2) runs faster on one thread: a second one only adds synchronisation.
+    ``until``: this method teleports only at inner steps ``t < until`` (0: ``teleport.until``, or its
+    ``steps`` with ``teleport.until_horizon``), in training and in evaluation alike."""
 
     trajectories: int
     steps: int
@@ -396,6 +398,7 @@ class MethodConfig:
     magnitude: float = 0.0
     magnitude_mode: str = ""
     threads: int = 0
+    until: int = 0
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
@@ -403,6 +406,7 @@ class MethodConfig:
         _check_range(f"methods.{name}.batch", self.batch, 0, 10**6, integer=True)
         _check_range(f"methods.{name}.magnitude", self.magnitude, 0, 1.0)
         _check_range(f"methods.{name}.threads", self.threads, 0, 4096, integer=True)
+        _check_range(f"methods.{name}.until", self.until, 0, 10**9, integer=True)
         if self.magnitude_mode != "":
             _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
 
@@ -432,14 +436,19 @@ class Config:
         return m.threads if m is not None else 0
 
     def teleport_of(self, method: str) -> TeleportConfig:
-        """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude`` and
-        ``magnitude_mode`` where it has them."""
+        """The teleport settings of ``method``: ``[teleport]`` with its own ``magnitude``,
+        ``magnitude_mode`` and ``until`` where it has them; ``until`` resolved (the method's own, else its
+        ``steps`` under ``until_horizon``, else ``teleport.until``)."""
         m = self.methods.get(method)
         own = {}
         if m is not None and m.magnitude > 0:
             own["magnitude"] = m.magnitude
         if m is not None and m.magnitude_mode:
             own["magnitude_mode"] = m.magnitude_mode
+        if m is not None and m.until > 0:
+            own["until"] = m.until
+        elif m is not None and self.teleport.until_horizon:
+            own["until"] = m.steps
         return dataclasses.replace(self.teleport, **own) if own else self.teleport
 
     def validate(self) -> "Config":

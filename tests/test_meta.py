@@ -502,3 +502,23 @@ def test_cpu_threads_restores_and_per_method_threads_validate():
     cfg.methods["lstm_lr_tele"].threads = -1
     with pytest.raises(ValueError, match="methods.lstm_lr_tele.threads"):
         cfg.validate()
+
+
+def test_per_method_until_takes_precedence_over_the_horizon():
+    cfg = tiny_config(teleport__until_horizon=True)
+    cfg.methods["lstm_update_tele"].until = 3
+    cfg.validate()
+    assert build_method("lstm_update_tele", cfg).tele_until == 3
+    assert build_method("lstm_lr_tele", cfg).tele_until == cfg.methods["lstm_lr_tele"].steps
+    plain = tiny_config()
+    assert build_method("lstm_lr_tele", plain).tele_until == 0
+    m = build_method("lstm_update_tele", cfg)
+    calls = []
+    orig = m.teleport
+    m.teleport = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
+    prob = regression_batch(cfg.problem.dims, train_seeds(2))
+    rollout(m, prob.weights, prob.X, prob.Y, 6)
+    assert len(calls) == 3  # steps 0, 1, 2
+    cfg.methods["lstm_update"].until = -1
+    with pytest.raises(ValueError, match="methods.lstm_update.until"):
+        cfg.validate()

@@ -24,8 +24,6 @@ def build_method(name: str, cfg: Config, *, seed: int | None = None) -> LearnedM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         m = LearnedMethod(name, weight_shapes(cfg.problem.dims), cfg.lstm, cfg.teleport_of(name))
-    if cfg.teleport.until_horizon and name in cfg.methods:
-        m.tele_until = cfg.methods[name].steps
     return m.to(DTYPES[cfg.problem.dtype])
 
 
