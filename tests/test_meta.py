@@ -453,13 +453,15 @@ def test_every_shipped_config_loads(path):
         build_method(m, cfg)  # every method of every configuration builds
 
 
-def test_paper_fast_through_differs_from_paper_fast_only_where_it_says():
-    from metatele.config import config_to_dict
-    a = config_to_dict(load_config(CONFIGS / "paper_fast.toml"))
-    b = config_to_dict(load_config(CONFIGS / "paper_fast_through.toml"))
-    diff = {(sec, k) for sec in a for k in (a[sec] if isinstance(a[sec], dict) else {}) if a[sec][k] != b[sec].get(k)}
-    assert diff == {("meta", "through_teleport"), ("methods", "lstm_update_tele")}
-    assert b["methods"]["lstm_update_tele"]["magnitude_mode"] == "learned"
+def test_paper_fast_recipe():
+    """configs/paper_fast.toml's LSTM(update,tele) teleports with a learned distance up to 0.1 over its first
+    50 steps, learning through its teleports; LSTM(lr,tele) teleports to its horizon on one thread."""
+    cfg = load_config(CONFIGS / "paper_fast.toml")
+    tele = build_method("lstm_update_tele", cfg)
+    assert (tele.tele_until, tele.tele_cfg.magnitude, tele.tele_cfg.magnitude_mode) == (50, 0.1, "learned")
+    lr = build_method("lstm_lr_tele", cfg)
+    assert (lr.tele_until, lr.tele_cfg.magnitude, lr.tele_cfg.magnitude_mode) == (300, 0.01, "fixed")
+    assert cfg.meta.through_teleport and cfg.threads_of("lstm_lr_tele") == 1 and cfg.train.batch == 32
 
 
 def test_teleport_scale_first_magnitude_and_taper():
