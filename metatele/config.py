@@ -254,6 +254,8 @@ class MetaConfig:
     through_teleport: with ``first_order``, the gradient at a teleported point stays differentiable in the
       ``T`` that moved it there (second order along the teleport's path only), so the teleport LSTM learns
       from the gradient its teleport produces, not only from where the next update lands (P2: false).
+    first_window_weight: the meta-loss of each trajectory's first window (inner steps 0 .. K-1) is multiplied
+      by this before the meta-update (P2: 1): above 1, meta-training weighs the first steps more.
     lr_update: Adam step of the update LSTM (P2: 1e-3).
     lr_teleport: Adam step of the teleport LSTM (P2: 1e-4).
     lr_lr_teleport: Adam step of the LrTeleportLSTM (P2's code: 1e-4, hard-coded there).
@@ -265,6 +267,7 @@ class MetaConfig:
     decay: float = 1.0
     first_order: bool = True
     through_teleport: bool = False
+    first_window_weight: float = 1.0
     lr_update: float = 1e-3
     lr_teleport: float = 1e-4
     lr_lr_teleport: float = 1e-4
@@ -280,6 +283,7 @@ class MetaConfig:
         for k in ("lr_update", "lr_teleport", "lr_lr_teleport"):
             _check_range(f"meta.{k}", getattr(self, k), 0, 1.0, lo_open=True)
         _check_range("meta.grad_clip", self.grad_clip, 0, None)
+        _check_range("meta.first_window_weight", self.first_window_weight, 0, 1e6, lo_open=True)
 
 
 @dataclass

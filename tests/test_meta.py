@@ -524,3 +524,19 @@ def test_per_method_until_takes_precedence_over_the_horizon():
     cfg.methods["lstm_update"].until = -1
     with pytest.raises(ValueError, match="methods.lstm_update.until"):
         cfg.validate()
+
+
+def test_first_window_weight_scales_only_the_first_windows_meta_loss():
+    seen = {}
+    for w in (1.0, 3.0):
+        tr = MetaTrainer("lstm_update", tiny_config(meta__first_window_weight=w))  # 6 steps, windows of 3
+        got = []
+        orig = tr._meta_update
+        tr._meta_update = lambda loss, got=got, orig=orig: (got.append(float(loss.detach())), orig(loss))[1]
+        info = tr.run_meta_batch()
+        seen[w] = (got, info["meta_loss"])
+    (a1, a2), (b1, b2) = seen[1.0][0], seen[3.0][0]
+    assert b1 == pytest.approx(3.0 * a1, rel=1e-6)  # same first window, weighted
+    assert seen[3.0][1] == pytest.approx(seen[1.0][1], rel=1e-6)  # the logged meta-loss is unweighted
+    with pytest.raises(ValueError, match="first_window_weight"):
+        tiny_config(meta__first_window_weight=0.0)

@@ -212,11 +212,14 @@ class MetaTrainer:
         metas, diverged = [], False
         while s.t < steps:
             k = min(K, steps - s.t)
+            first_window = s.t == 0
             s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
                                       decay=self.cfg.meta.decay, stop_sync=self.stop_hook,
                                       through_teleport=self.cfg.meta.through_teleport)
+            m = float(meta.detach()) / k  # logged unweighted
+            if first_window and self.cfg.meta.first_window_weight != 1.0:
+                meta = meta * self.cfg.meta.first_window_weight
             applied = self._meta_update(meta)
-            m = float(meta.detach()) / k
             s = s.cut()
             # trajectories whose weights went non-finite
             rows_bad = torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in s.weights]).any(0)
