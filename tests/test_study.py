@@ -72,6 +72,13 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path, capsys):
     assert "complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == mtimes
     assert json.loads((out / "study.json").read_text())["stats"] == s["stats"]
+    # the same checkpoints on other unseen initialisations: a report beside the main one
+    assert study.main(args + ["--eval-offset", "3"]) == 0
+    other = json.loads((out / "study_eval3.json").read_text())
+    assert other["eval_seeds"] == [7, 9, 11] and s["eval_seeds"] == [1, 3, 5]
+    assert json.loads((out / "study.json").read_text())["stats"] == s["stats"]
+    assert other["stats"] != s["stats"]
+    assert study.main(args + ["--eval-offset", "-1"]) == 2
 
 
 def test_study_errors_are_one_line(tmp_path, capsys):

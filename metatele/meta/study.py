@@ -26,6 +26,7 @@ horizon under ``torch.no_grad``. The report (``study.md``, ``study.json``, ``stu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -201,7 +202,7 @@ def study_tables(curves: dict[str, np.ndarray], steps: Sequence[int], *, spike_f
     return "\n".join(lines), stats
 
 
-def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: Path) -> Path:
+def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: Path, stem: str = "study") -> Path:
     """One line per method (mean over training seeds of the per-seed mean loss) and a band (min to max
     across training seeds), log scale; the training horizon is marked."""
     import matplotlib
@@ -224,7 +225,7 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: P
     ax.set_ylabel("loss (mean over unseen initialisations)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = out / "study.png"
+    path = out / f"{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -232,9 +233,11 @@ def plot_study(curves: dict[str, np.ndarray], train_steps: Sequence[int], out: P
 
 def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Path, *, eval_seeds: int = 20,
               horizon: float = 3.0, do_eval: bool = True, plots: bool = True, log=print,
-              command: str = "", threads: int = 0) -> dict[str, Any] | None:
+              command: str = "", threads: int = 0, eval_offset: int | None = None) -> dict[str, Any] | None:
     """Train every (seed, method) not yet complete, then evaluate and report (module docstring).
-    threads: the command line's ``--threads`` (0: each method's own ``methods.<name>.threads``, if any)."""
+    threads: the command line's ``--threads`` (0: each method's own ``methods.<name>.threads``, if any).
+    eval_offset: first evaluation initialisation (default ``eval.seed_offset``); when given, the report is
+    ``study_eval<offset>.*``, beside the main one, e.g. to check a recipe on problems it was not chosen on."""
     out.mkdir(parents=True, exist_ok=True)
     train_wall: dict[str, dict[str, float]] = {}
     for k in seeds:
@@ -248,7 +251,9 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
     train_steps = max(cfg.methods[m].steps for m in methods)
     H = max(train_steps, int(round(horizon * train_steps)))
     t0 = time.perf_counter()
-    res = evaluate(ckpts, seeds=eval_seeds, steps=H, device="cpu")
+    ecfg = cfg.eval if eval_offset is None else dataclasses.replace(cfg.eval, seed_offset=int(eval_offset))
+    res = evaluate(ckpts, seeds=eval_seeds, steps=H, device="cpu", eval_cfg=ecfg)
+    stem = "study" if eval_offset is None else f"study_eval{int(eval_offset)}"
     eval_wall = time.perf_counter() - t0
     curves = curves_by_method(res)
     horizons = sorted({cfg.methods[m].steps for m in methods})
@@ -258,20 +263,21 @@ def run_study(cfg: Config, methods: Sequence[str], seeds: Sequence[int], out: Pa
     per_seed_wall = {k: round(sum(v.values()), 1) for k, v in train_wall.items()}
     head = [f"# Meta-training seeds study", "",
             f"Command: `{command}`" if command else "",
-            f"Methods {list(methods)}, training seeds {list(seeds)}, {eval_seeds} unseen initialisations, "
+            f"Methods {list(methods)}, training seeds {list(seeds)}, {eval_seeds} unseen initialisations "
+            f"(odd seeds {res['eval_seeds'][0]}-{res['eval_seeds'][-1]}), "
             f"evaluated for {H} steps (training horizons {horizons}); loss = mean over the initialisations "
             f"of one training seed, then mean ± std across training seeds.", "",
             f"Meta-training wall time per seed (all methods, s): {per_seed_wall}; evaluation {eval_wall:.1f} s.",
             ""]
     text = "\n".join(head) + table + "\n"
-    (out / "study.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     summary = {"config": config_to_dict(cfg), "methods": list(methods), "seeds": list(seeds),
                "eval_seeds": res["eval_seeds"], "steps": H, "train_steps": train_steps,
                "train_wall_s": train_wall, "eval_wall_s": round(eval_wall, 2), "stats": stats,
                "curves": {m: L.tolist() for m, L in curves.items()}}
-    (out / "study.json").write_text(json.dumps(finite_or_none(summary), allow_nan=False))
+    (out / f"{stem}.json").write_text(json.dumps(finite_or_none(summary), allow_nan=False))
     if plots:
-        plot_study(curves, horizons, out)
+        plot_study(curves, horizons, out, stem)
     log(text)
     return summary
 
@@ -285,6 +291,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, help="methods (default: all in the configuration)")
     ap.add_argument("--out", required=True, help="study folder (checkpoints, study.md, study.json, study.png)")
     ap.add_argument("--eval-seeds", type=int, default=20, help="unseen initialisations (default 20)")
+    ap.add_argument("--eval-offset", type=int, default=None,
+                    help="first unseen initialisation (default: eval.seed_offset); the report is then "
+                         "study_eval<offset>.md/.json/.png, beside study.md")
     ap.add_argument("--horizon", type=float, default=3.0, help="evaluation horizon / training horizon (default 3)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a configuration value (repeatable), e.g. --set meta.lr_update=3e-3")
@@ -303,6 +312,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.seeds < 1 or args.first_seed < 0:
         return fail(f"--seeds {args.seeds} must be >= 1 and --first-seed {args.first_seed} >= 0")
+    if args.eval_offset is not None and args.eval_offset < 0:
+        return fail(f"--eval-offset {args.eval_offset} must be >= 0")
     if args.eval_seeds < 1 or not args.horizon >= 1:
         return fail(f"--eval-seeds {args.eval_seeds} must be >= 1 and --horizon {args.horizon} >= 1")
     out = Path(args.out)
@@ -317,7 +328,8 @@ def main(argv=None) -> int:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         command = "python -m metatele.meta.study " + " ".join(argv if argv is not None else sys.argv[1:])
         run_study(cfg, methods, seeds, out, eval_seeds=args.eval_seeds, horizon=args.horizon,
-                  do_eval=not args.no_eval, plots=not args.no_plots, command=command, threads=args.threads)
+                  do_eval=not args.no_eval, plots=not args.no_plots, command=command, threads=args.threads,
+                  eval_offset=args.eval_offset)
     except (ValueError, CheckpointError) as e:
         return fail(str(e))
     return 0
