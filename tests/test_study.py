@@ -31,7 +31,9 @@ def test_spikes_and_divergence_are_counted_per_run():
                   [10.0, 2.0, 30.0, 1.0],     # 30 > 10 x running minimum 2: spike
                   [10.0, 5.0, np.inf, 1.0]])  # diverged
     s = study.spikes(L)
-    assert s == {"runs": 3, "diverged": 1, "spiked": 1}
+    assert s == {"runs": 3, "diverged": 1, "spiked": 1, "max_rise": 15.0}  # 30 / 2, the diverged run aside
+    assert study.spikes(L[:1])["max_rise"] == 1.0  # a loss that only falls never rose
+    assert np.isnan(study.spikes(L[2:])["max_rise"])  # no finite run
 
 
 def test_overrides_parse_toml_values_and_reject_bad_keys():
