@@ -32,7 +32,8 @@ from .symmetry.actions import ACTIONS, Exactness, exactness, transform
 from .symmetry.group import PARAMETRISATIONS, group_element, identity_like, normalise
 
 __all__ = ["TeleportReport", "RULES", "DEFAULT_LR", "DEFAULT_MAX_COND", "REJECT_REASONS", "default_loss_tol",
-           "check_teleport_data", "teleport_weights", "random_teleport", "random_teleport_model", "teleport"]
+           "check_teleport_data", "model_weights", "module_inputs", "teleport_weights", "random_teleport",
+           "random_teleport_model", "teleport"]
 
 
 #: Step rules of :func:`teleport_weights`: ``"normalized"`` (default, scale-free trust region with backtracking)
@@ -655,16 +656,11 @@ def random_teleport(weights: Sequence[Tensor], X: Tensor, Y: Tensor | None = Non
     return W_out, report
 
 
-def _module_data(inputs: Tensor, targets: Tensor, loss: str, dtype, device,
-                 d_out: int | None = None) -> tuple[Tensor, Tensor]:
-    """PyTorch's ``(batch, features)`` to metatele's columns ``(features, batch)``, validating both.
-
-    ``d_out``: the model's output width; MSE targets must have shape ``(batch, d_out)`` (or ``(batch,)``
-    when ``d_out == 1``): no silent broadcasting."""
+def module_inputs(inputs: Tensor, dtype, device) -> Tensor:
+    """PyTorch's ``(batch, features...)`` inputs to metatele's columns ``(features, batch)``, validated: a
+    floating-point tensor with at least one sample and finite entries (errors name ``inputs``)."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be (batch, features...), got shape {tuple(inputs.shape)}")
     if not inputs.is_floating_point():
@@ -675,7 +671,20 @@ def _module_data(inputs: Tensor, targets: Tensor, loss: str, dtype, device,
                          f"one sample")
     if not bool(torch.isfinite(inputs).all()):
         raise ValueError("inputs contain NaN or inf")
-    X = inputs.reshape(b, -1).to(dtype=dtype, device=device).T
+    return inputs.reshape(b, -1).to(dtype=dtype, device=device).T
+
+
+def _module_data(inputs: Tensor, targets: Tensor, loss: str, dtype, device,
+                 d_out: int | None = None) -> tuple[Tensor, Tensor]:
+    """PyTorch's ``(batch, features)`` to metatele's columns ``(features, batch)``, validating both
+    (:func:`module_inputs` for the inputs).
+
+    ``d_out``: the model's output width; MSE targets must have shape ``(batch, d_out)`` (or ``(batch,)``
+    when ``d_out == 1``): no silent broadcasting."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
+    X = module_inputs(inputs, dtype, device)
+    b = X.shape[1]
     if targets.dim() == 0 or targets.shape[0] != b:
         raise ValueError(f"inputs have batch {b} but targets have "
                          f"{targets.shape[0] if targets.dim() else 'no'} rows (shape {tuple(targets.shape)})")
@@ -701,7 +710,7 @@ def _module_data(inputs: Tensor, targets: Tensor, loss: str, dtype, device,
     raise ValueError(f"unknown loss {loss!r}; allowed: 'mse', 'ce'")
 
 
-def _model_weights(model: nn.Module) -> tuple[tuple[Tensor, ...], float, bool]:
+def model_weights(model: nn.Module) -> tuple[tuple[Tensor, ...], float, bool]:
     """``from_sequential`` plus the checks a teleport needs: float32/float64 and finite parameters."""
     W, slope, bias = from_sequential(model)
     if W[0].dtype in _HALF or not W[0].is_floating_point():
@@ -731,7 +740,7 @@ def teleport(model: nn.Module, inputs: Tensor, targets: Tensor, *, objective: st
     every step guarded; ``rule="raw"`` for the papers' rule). Rejected steps are not applied, and the
     report says which and why. Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument.
     """
-    W, slope, bias = _model_weights(model)
+    W, slope, bias = model_weights(model)
     X, Y = _module_data(inputs, targets, loss, W[0].dtype, W[0].device, d_out=W[-1].shape[-2])
     new, report = teleport_weights(W, X, Y, objective=objective, maximize=maximize, loss=loss, steps=steps,
                                    lr=lr, rule=rule, cap=cap, action=action, param=param, slope=slope, bias=bias,

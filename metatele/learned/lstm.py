@@ -33,8 +33,6 @@ __all__ = ["LSTMState", "lstm_cell", "linear", "StackedLSTM", "UpdateLSTM", "Coo
 LSTMState = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-
-
 def detach_state(state: LSTMState) -> LSTMState:
     """Cut the graph behind a recurrent state (truncated BPTT window boundary)."""
     return tuple((h.detach(), c.detach()) for h, c in state)  # type: ignore[return-value]

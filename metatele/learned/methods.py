@@ -20,6 +20,7 @@ another network.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -60,7 +61,6 @@ class LearnedMethod(nn.Module):
             raise ValueError(f"need at least two weights (one hidden layer), got shapes {list(shapes)}")
         lstm = lstm or LSTMConfig()
         self.tele_cfg = teleport or TeleportConfig()
-        self.tele_until = self.tele_cfg.until  # teleport only at inner steps t < tele_until (0: always)
         self.lstm_cfg = lstm
         self.name = name
         self.shapes = [tuple(int(x) for x in s) for s in shapes]
@@ -107,6 +107,15 @@ class LearnedMethod(nn.Module):
             self.tele_nets = nn.ModuleList(nets)
 
     # ------------------------------------------------------------------ description
+    @property
+    def tele_until(self) -> int:
+        """Teleport only at inner steps ``t < tele_until`` (0: at every step): ``tele_cfg.until``."""
+        return self.tele_cfg.until
+
+    @tele_until.setter
+    def tele_until(self, value: int) -> None:
+        self.tele_cfg = dataclasses.replace(self.tele_cfg, until=int(value))
+
     @property
     def hidden_widths(self) -> list[int]:
         """Widths of the hidden layers ``[k_1, ..., k_{L-1}]`` of the network this module is built for."""
@@ -239,13 +248,17 @@ class LearnedMethod(nn.Module):
         return Ts, state
 
     def teleport_scale(self, t: int) -> float:
-        """Factor on the teleport LSTMs' ``T`` at inner step ``t``: ``first_magnitude / magnitude`` at
-        ``t = 0`` (``teleport.first_magnitude``), times ``(until - t) / (taper + 1)`` over the last ``taper``
-        steps before ``tele_until`` (``teleport.taper``); 1 otherwise."""
+        """The teleport schedule: the factor on the teleport LSTMs' ``T`` at inner step ``t``, 0 where the
+        method does not teleport (no teleport LSTM, ``t % every != 0``, or ``t >= tele_until > 0``);
+        otherwise ``first_magnitude / magnitude`` at ``t = 0`` (``teleport.first_magnitude``), times
+        ``(until - t) / (taper + 1)`` over the last ``taper`` steps before ``tele_until``
+        (``teleport.taper``), else 1."""
         c = self.tele_cfg
+        if not self.learn_tele or t % c.every or (self.tele_until > 0 and t >= self.tele_until):
+            return 0.0
         scale = c.first_magnitude / c.magnitude if t == 0 and c.first_magnitude > 0 and c.magnitude > 0 else 1.0
         if c.taper > 0 and self.tele_until > 0 and t >= self.tele_until - c.taper:
-            scale *= max(self.tele_until - t, 0) / (c.taper + 1)
+            scale *= (self.tele_until - t) / (c.taper + 1)
         return scale
 
     def teleport(self, weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Tensor],

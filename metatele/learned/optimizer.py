@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import ProblemMismatch
-from ..nets import forward, from_sequential, to_sequential
-from ..teleport import default_loss_tol
+from ..nets import forward, to_sequential
+from ..teleport import default_loss_tol, model_weights, module_inputs
 from .methods import LearnedMethod
 from .teleport import action_dtype, apply_learned_teleport
 from .loading import load_method
@@ -118,28 +118,12 @@ class LearnedOptimizer:
             return False
         if self._last_grads is None:
             raise ValueError("call step() before teleport(): the teleport LSTM reads the step's gradients")
-        weights, slope, bias = from_sequential(model)
-        if weights[0].dtype in (torch.float16, torch.bfloat16) or not weights[0].is_floating_point():
-            raise TypeError(f"model parameters are {weights[0].dtype}: teleport needs float32 or float64; call "
-                            f"model.float() first")
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-        if inputs.dim() < 2 or not inputs.is_floating_point():
-            raise (TypeError if inputs.dim() >= 2 else ValueError)(
-                f"inputs must be a floating-point (batch, features...) tensor, got shape {tuple(inputs.shape)} "
-                f"{inputs.dtype}")
-        if inputs.shape[0] == 0:
-            raise ValueError(f"inputs is an empty batch (shape {tuple(inputs.shape)}): a teleport needs at least "
-                             f"one sample")
-        X = inputs.detach().reshape(inputs.shape[0], -1).T.to(weights[0].dtype)  # columns (features, b)
+        weights, slope, bias = model_weights(model)  # float32/float64, finite
+        X = module_inputs(inputs, weights[0].dtype, weights[0].device)  # columns (features, b), validated
         d_in = weights[0].shape[-1] - (1 if bias else 0)
         if X.shape[0] != d_in:
             raise ValueError(f"inputs have {X.shape[0]} features per sample but the model's first layer takes "
                              f"{d_in}")
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("inputs contain NaN or inf")
-        if not all(bool(torch.isfinite(w).all()) for w in weights):
-            raise ValueError("model parameters contain NaN or inf: there is no level set to move along")
         grads = self._layer_grads(model) if bias else self._last_grads
         Ts, self.state = self.method.propose_teleport(grads, self.state)
         c = self.method.tele_cfg

@@ -113,37 +113,37 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
         return new
 
+    scale = method.teleport_scale(s.t)  # 0: no teleport at this step
+
     def teleported(w, Ts):
-        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (both in one batched call)."""
-        scale = method.teleport_scale(s.t)
+        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (two plain calls: batching them
+        into one measured no faster at paper size)."""
         if scale != 1.0:
             Ts = [None if T is None else T * scale for T in Ts]
-        if not through:
-            return method.teleport(w, X, Ts, s.X_pinv), None
-        B = X.shape[0]
-        two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-        both = method.teleport(tuple(torch.cat([x, x.detach()]) for x in w), two(X), [two(T) for T in Ts],
-                               two(s.X_pinv))
-        return tuple(x[:B] for x in both), tuple(x[B:] for x in both)
+        view = method.teleport(tuple(x.detach() for x in w), X, Ts, s.X_pinv) if through else None
+        return method.teleport(w, X, Ts, s.X_pinv), view
+
+    def loss_grad(w, view):
+        """``L(w)`` with its graph and the gradient the LSTMs read (taken at ``view`` when there is one)."""
+        if view is None:
+            return stepper.grad(w, lf)
+        return lf(independent(w)), _grad_at_view(view, lf)
 
     def loss_grad_step(w, view):
         if view is None:
             return stepper.step(w, lf, rule)
-        loss = lf(independent(w))
-        g = _grad_at_view(view, lf)
+        loss, g = loss_grad(w, view)
         return loss, tuple(rule(tuple(w), g)), g
 
     view = None
-    do_tele = method.learn_tele and s.t % c.every == 0 and (method.tele_until == 0 or s.t < method.tele_until)
-    if do_tele and c.order == "teleport_then_update":
-        loss, g = (stepper.grad(s.weights, lf) if s.tele_view is None
-                   else (lf(independent(s.weights)), _grad_at_view(s.tele_view, lf)))
+    if scale and c.order == "teleport_then_update":
+        loss, g = loss_grad(s.weights, s.tele_view)
         Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
         w, w_view = teleported(s.weights, Ts)
         _, new, _ = loss_grad_step(w, w_view)
     else:
         loss, new, g = loss_grad_step(s.weights, s.tele_view)
-        if do_tele:
+        if scale:
             Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
             new, view = teleported(new, Ts)
     gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
