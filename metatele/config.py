@@ -311,6 +311,15 @@ class TrainConfig:
       the others (True) instead of abandoning the whole meta-batch (False: the behaviour before this
       option; data-parallel runs always abandon it). With many trajectories per meta-batch, abandoning
       loses most of the meta-updates of the methods that diverge more often.
+    stagger: staggered truncations (False: P2, every trajectory of a meta-batch starts at step 0 together).
+      The ``B`` trajectories of a meta-batch become a persistent population whose members are at different
+      inner steps: their first lives end after ``K, 2K, ..., H`` steps (``K = meta.unroll``, ``H`` the
+      horizon), and a trajectory that reaches its horizon (or diverges) is replaced by a new initialisation
+      at the next window boundary. Every meta-update then averages windows from the whole horizon, instead
+      of ``H / K`` consecutive meta-updates each seeing only one part of it; the trajectory-steps per
+      meta-batch and the meta-updates are the same. learned_optimization trains its learned optimisers
+      this way (tasks start at different inner iterations so that they do not run in lockstep).
+      Single-process only; needs ``H`` a multiple of ``K`` and ``meta.first_window_weight = 1``.
     """
 
     seed: int = 0
@@ -323,6 +332,7 @@ class TrainConfig:
     select_trajectories: int = 16
     select_horizon: float = 3.0
     drop_diverged: bool = True
+    stagger: bool = False
 
     def validate(self) -> None:
         _check_range("train.seed", self.seed, 0, 2**63 - 1, integer=True)
@@ -339,6 +349,8 @@ class TrainConfig:
         _check_range("train.select_horizon", self.select_horizon, 1.0, 100.0)
         if not isinstance(self.drop_diverged, bool):
             raise ValueError(f"train.drop_diverged = {self.drop_diverged!r} must be true or false")
+        if not isinstance(self.stagger, bool):
+            raise ValueError(f"train.stagger = {self.stagger!r} must be true or false")
 
 
 @dataclass
@@ -394,7 +406,9 @@ class MethodConfig:
     the command line sets ``--threads`` (0: torch's default). A method with small LSTMs and few trajectories
     per meta-batch (LSTM(lr,tele) at 2) runs faster on one thread: a second one only adds synchronisation.
     ``until``: this method teleports only at inner steps ``t < until`` (0: ``teleport.until``, or its
-    ``steps`` with ``teleport.until_horizon``), in training and in evaluation alike."""
+    ``steps`` with ``teleport.until_horizon``), in training and in evaluation alike. ``stagger``: this
+    method's ``train.stagger`` (absent: ``train.stagger``); a population of 2 trajectories cannot spread
+    over a horizon of 30 windows, so LSTM(lr,tele) at 2 per meta-batch trains in lockstep."""
 
     trajectories: int
     steps: int
@@ -403,6 +417,7 @@ class MethodConfig:
     magnitude_mode: str = ""
     threads: int = 0
     until: int = 0
+    stagger: bool | None = None
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
@@ -413,6 +428,8 @@ class MethodConfig:
         _check_range(f"methods.{name}.until", self.until, 0, 10**9, integer=True)
         if self.magnitude_mode != "":
             _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
+        if self.stagger is not None and not isinstance(self.stagger, bool):
+            raise ValueError(f"methods.{name}.stagger = {self.stagger!r} must be true or false")
 
 
 def _paper_methods() -> dict[str, MethodConfig]:
@@ -433,6 +450,11 @@ class Config:
         """Trajectories per meta-batch of ``method``: its own ``batch``, else ``train.batch``."""
         m = self.methods.get(method)
         return m.batch if m is not None and m.batch > 0 else self.train.batch
+
+    def stagger_of(self, method: str) -> bool:
+        """Whether ``method`` meta-trains with staggered truncations: its own ``stagger``, else ``train.stagger``."""
+        m = self.methods.get(method)
+        return self.train.stagger if m is None or m.stagger is None else m.stagger
 
     def threads_of(self, method: str) -> int:
         """Torch CPU threads for meta-training ``method`` (0: leave torch's setting)."""

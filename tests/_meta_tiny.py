@@ -60,6 +60,29 @@ def tiny_config(**overrides) -> Config:
     return config_from_dict(d)
 
 
+def straight_and_resumed(cfg: Config, method: str, path, meta_batches: int = 4):
+    """Two trainers of ``method``: one run straight through ``meta_batches`` meta-batches, one stopped
+    halfway, saved to ``path``, rebuilt from the checkpoint and run to the end. Returns ``(straight,
+    resumed, progress at the save)``; a test then compares them."""
+    from metatele.meta import MetaTrainer
+    a = MetaTrainer(method, cfg)
+    for _ in range(meta_batches):
+        a.run_meta_batch()
+    b = MetaTrainer(method, cfg)
+    for _ in range(meta_batches // 2):
+        b.run_meta_batch()
+    b.save(path)
+    del b
+    c = MetaTrainer.resume(path)
+    saved = copy.deepcopy(c.progress), c.population and c.population.next_seed
+    for _ in range(meta_batches - meta_batches // 2):
+        c.run_meta_batch()
+    for (k, x), (_, y) in zip(a.method.state_dict().items(), c.method.state_dict().items()):
+        assert (x == y).all(), k
+    assert a.progress.history == c.progress.history
+    return a, c, saved
+
+
 def in_child(fn, timeout: float = 60.0) -> int:
     """Run ``fn()`` in a forked child process (no interpreter start-up cost) and return how it ended:
     its exit code, or minus the signal that killed it. ``fn`` may end the child with ``os.kill``."""

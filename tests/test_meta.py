@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _meta_tiny import tiny_config
+from _meta_tiny import straight_and_resumed, tiny_config
 from metatele.config import METHODS, load_config
 from metatele.meta import AutogradStepper, HigherStepper, MetaTrainer, build_method, run_window, start
 from metatele.meta.evaluate import evaluate, summary_table
@@ -176,21 +176,8 @@ def test_graph_and_memory_do_not_grow_across_windows(method_name):
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = tiny_config()
     cfg.methods["lstm_update_tele"].trajectories = 8  # 4 meta-batches of 2
-    a = MetaTrainer("lstm_update_tele", cfg)
-    for _ in range(4):
-        a.run_meta_batch()
-    b = MetaTrainer("lstm_update_tele", cfg)
-    for _ in range(2):
-        b.run_meta_batch()
-    b.save(tmp_path / "ck.pt")
-    del b
-    c = MetaTrainer.resume(tmp_path / "ck.pt")
-    assert c.progress.meta_batch == 2
-    for _ in range(2):
-        c.run_meta_batch()
-    for (k, x), (_, y) in zip(a.method.state_dict().items(), c.method.state_dict().items()):
-        assert torch.equal(x, y), k
-    assert a.progress.history == c.progress.history
+    _, c, (saved, _) = straight_and_resumed(cfg, "lstm_update_tele", tmp_path / "ck.pt")
+    assert saved.meta_batch == 2 and c.progress.meta_batch == 4
 
 
 def test_seed_schedule_is_disjoint_across_ranks_and_steps():
@@ -455,13 +442,17 @@ def test_every_shipped_config_loads(path):
 
 def test_paper_fast_recipe():
     """configs/paper_fast.toml's LSTM(update,tele) teleports with a learned distance up to 0.1 over its first
-    50 steps, learning through its teleports; LSTM(lr,tele) teleports to its horizon on one thread."""
+    50 steps, learning through its teleports; LSTM(lr,tele) teleports to its horizon on one thread; the
+    update LSTMs train with staggered truncations."""
     cfg = load_config(CONFIGS / "paper_fast.toml")
     tele = build_method("lstm_update_tele", cfg)
     assert (tele.tele_until, tele.tele_cfg.magnitude, tele.tele_cfg.magnitude_mode) == (50, 0.1, "learned")
     lr = build_method("lstm_lr_tele", cfg)
     assert (lr.tele_until, lr.tele_cfg.magnitude, lr.tele_cfg.magnitude_mode) == (300, 0.01, "fixed")
     assert cfg.meta.through_teleport and cfg.threads_of("lstm_lr_tele") == 1 and cfg.train.batch == 32
+    # staggered truncations for the two update LSTMs (at the paper's meta lr), lockstep for LSTM(lr,tele)
+    assert cfg.stagger_of("lstm_update_tele") and cfg.stagger_of("lstm_update") and not cfg.stagger_of("lstm_lr_tele")
+    assert cfg.meta.lr_update == 1e-3
 
 
 def test_teleport_scale_first_magnitude_and_taper():

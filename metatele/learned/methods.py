@@ -206,6 +206,26 @@ class LearnedMethod(nn.Module):
                 "tele": None if state["tele"] is None else [lstm(s) for s in state["tele"]],
                 "lr": state["lr"].index_select(0, keep)}
 
+    @staticmethod
+    def replace_state(state: dict[str, Any], rows: Tensor, fresh: dict[str, Any]) -> dict[str, Any]:
+        """``state`` with the trajectories ``rows`` (indices into the batch ``B``) taken from ``fresh`` (a state
+        of ``len(rows)`` trajectories, e.g. :meth:`init_state`), the others kept; out of place. Rows of a
+        coordinatewise LSTM state (``B * P``) are replaced trajectory by trajectory."""
+        B, n = state["lr"].shape[0], len(rows)
+
+        def put(x: Tensor, y: Tensor) -> Tensor:
+            if x.shape[0] == B:
+                return x.index_copy(0, rows, y.to(x.dtype))
+            return x.reshape(B, -1, x.shape[-1]).index_copy(0, rows, y.reshape(n, -1, y.shape[-1]).to(x.dtype)
+                                                            ).reshape(-1, x.shape[-1])
+
+        def lstm(st, new):
+            return tuple((put(h, h2), put(c, c2)) for (h, c), (h2, c2) in zip(st, new))
+
+        return {"update": None if state["update"] is None else lstm(state["update"], fresh["update"]),
+                "tele": None if state["tele"] is None else [lstm(a, b) for a, b in zip(state["tele"], fresh["tele"])],
+                "lr": put(state["lr"], fresh["lr"])}
+
     # ------------------------------------------------------------------ the step pieces
     def propose_update(self, weights: Sequence[Tensor], grads: Sequence[Tensor],
                        state: dict[str, Any]) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
@@ -260,6 +280,14 @@ class LearnedMethod(nn.Module):
         if c.taper > 0 and self.tele_until > 0 and t >= self.tele_until - c.taper:
             scale *= (self.tele_until - t) / (c.taper + 1)
         return scale
+
+    def teleport_scales(self, phase: Tensor) -> "Tensor | float":
+        """:meth:`teleport_scale` of trajectories at different inner steps ``phase (B,)``: a ``(B,)`` float64
+        tensor, or ``0.0`` when none of them teleports (the step then runs no teleport at all)."""
+        scales = [self.teleport_scale(int(t)) for t in phase.tolist()]
+        if not any(scales):
+            return 0.0
+        return torch.tensor(scales, dtype=torch.float64, device=phase.device)
 
     def teleport(self, weights: Sequence[Tensor], X: Tensor, Ts: Sequence[Tensor],
                  X_pinv: Tensor | None = None) -> tuple[Tensor, ...]:

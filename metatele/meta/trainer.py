@@ -28,10 +28,23 @@ unrolls the contiguous share ``[r B // n, (r + 1) B // n)`` of them (:meth:`Meta
 number of processes, which is what makes resuming exact, also on another number of processes.
 Distributed runs set ``grad_hook`` (meta-gradient all-reduce) and ``window_hook`` (collective meta-loss
 and divergence decision, so that every rank leaves a meta-batch at the same window).
+
+Staggered truncations (``train.stagger``, per method ``methods.<name>.stagger``)
+-----------------------------------------
+Above, the ``B`` trajectories of a meta-batch are in lockstep: ``H / K`` consecutive meta-updates each see
+one part of the horizon only (the first window once per meta-batch), which at large ``B`` leaves few
+meta-updates for each part and a meta-gradient that swings from one part to the next. With ``stagger``
+the ``B`` trajectories are a :class:`Population` kept across meta-batches, at different inner steps:
+trajectory ``b``'s first life ends after ``K (1 + b mod H/K)`` steps, later ones after ``H``, and a
+trajectory that ends (or diverges) is replaced by a new initialisation (the next seeds of the training
+stream) at the window boundary. A meta-batch is still ``H / K`` windows of ``B`` trajectories (the same
+meta-updates and trajectory-steps), and the population is saved in every checkpoint so that resuming is
+exact.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,7 +60,7 @@ from ..learned.methods import LearnedMethod
 from ..problems import regression_batch, train_seeds
 from .unroll import STEPPERS, InnerState, rollout, run_window, start
 
-__all__ = ["Progress", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite", "selection_score"]
+__all__ = ["Progress", "Population", "MetaTrainer", "meta_param_groups", "meta_optimizer", "grads_finite", "selection_score"]
 
 #: Index of the first training-stream seed of the selection problems (train.select_every), past any meta-batch.
 SELECT_OFFSET = 10**7
@@ -66,6 +79,30 @@ class Progress:
     dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone)
     wall: float = 0.0        # seconds spent in meta-batches
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
+
+
+@dataclass
+class Population:
+    """The trajectories of staggered meta-training (``train.stagger``), kept across meta-batches.
+
+    state: their inner state, ``state.phase (B,)`` each one's inner step; life: ``(B,)`` long, the step at
+    which each one ends (the first lives are staggered, then the horizon); next_seed: index into the
+    training seed stream (:func:`metatele.problems.train_seeds`) of the next new trajectory."""
+
+    state: InnerState
+    life: torch.Tensor
+    next_seed: int
+
+
+def _map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a nest of tuples, lists and dicts (e.g. an LSTM state)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
 
 
 def meta_param_groups(method: LearnedMethod, *, lr_update: float, lr_teleport: float,
@@ -156,6 +193,17 @@ class MetaTrainer:
         self.progress = Progress()
         self.counts = cfg.methods[method_name]
         self.best: dict[str, Any] | None = None  # selected meta-parameters (train.select_every)
+        self.population: Population | None = None  # train.stagger: created by the first meta-batch
+        self.stagger = cfg.stagger_of(method_name)
+        if self.stagger:
+            if world_size > 1 or window_hook is not None or stop_hook is not None:
+                raise ValueError("train.stagger is single-process: set it to false for data-parallel runs")
+            if self.counts.steps % m.unroll:
+                raise ValueError(f"train.stagger needs the horizon methods.{method_name}.steps = {self.counts.steps} "
+                                 f"to be a multiple of meta.unroll = {m.unroll}")
+            if m.first_window_weight != 1.0:
+                raise ValueError("train.stagger has no first window (the trajectories are at different steps): "
+                                 "leave meta.first_window_weight at 1")
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -199,10 +247,74 @@ class MetaTrainer:
         self.progress.updates += 1
         return True
 
+    def _start(self, seeds: list[int]) -> InnerState:
+        prob = regression_batch(self.cfg.problem.dims, seeds, dtype=self.dtype, device=self.device)
+        return start(self.method, prob.weights, prob.X, prob.Y)
+
+    def _new_population(self) -> Population:
+        """``B`` trajectories at step 0 whose first lives end after ``K, 2K, ..., H, K, 2K, ...`` steps."""
+        B, H, K = self.batch, self.counts.steps, self.cfg.meta.unroll
+        first = self.cfg.train.seed_offset
+        s = self._start(train_seeds(B, start=first))
+        s = dataclasses.replace(s, phase=torch.zeros(B, dtype=torch.long, device=self.device))
+        life = K * (1 + torch.arange(B, device=self.device) % (H // K))
+        return Population(s, life, first + B)
+
+    def _run_staggered(self, i: int, on_window: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        """One staggered meta-batch: ``H / K`` windows of the population (module docstring)."""
+        if self.population is None:
+            self.population = self._new_population()
+        pop = self.population
+        H, K = self.counts.steps, self.cfg.meta.unroll
+        stepper = STEPPERS[self.stepper_kind](len(pop.state.weights), first_order=self.cfg.meta.first_order)
+        s = pop.state
+        t_begin = time.perf_counter()
+        metas, started = [], []
+        for _ in range(H // K):
+            s, meta, rec = run_window(self.method, s, K, stepper, kind=self.cfg.meta.meta_loss,
+                                      decay=self.cfg.meta.decay, through_teleport=self.cfg.meta.through_teleport)
+            m = float(meta.detach()) / K
+            applied = self._meta_update(meta)
+            s = s.cut()
+            rows_bad = torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in s.weights]).any(0)
+            done = rows_bad | (s.phase >= pop.life)
+            if bool(done.any()):
+                rows = done.nonzero().squeeze(1)
+                seeds = train_seeds(len(rows), start=pop.next_seed)
+                pop.next_seed += len(rows)
+                s = s.replace(rows, self._start(seeds))
+                pop.life = pop.life.index_fill(0, rows, H)
+                self.progress.dropped += int(rows_bad.sum())
+                self.progress.trajectories += int((done & ~rows_bad).sum())
+                started += seeds
+            if math.isfinite(m):
+                metas.append(m)
+            if on_window is not None:
+                on_window({"meta_batch": i, "t": int(s.t), "meta_loss": m, "applied": applied,
+                           "inner_loss": float(rec[-1].mean())})
+        pop.state = s
+        self.progress.meta_batch = i + 1
+        self._maybe_select(i)
+        self.progress.wall += time.perf_counter() - t_begin
+        mean = sum(metas) / len(metas) if metas else float("nan")
+        self.progress.history.append(mean)
+        return {"meta_batch": i, "meta_loss": mean, "diverged": False, "seeds": started}
+
+    def _maybe_select(self, i: int) -> None:
+        """The selection check (``train.select_every``) after meta-batch ``i``, where it is due."""
+        every = self.cfg.train.select_every
+        if every and ((i + 1) % every == 0 or i + 1 == self.n_meta_batches):
+            score = self.selection_score()
+            if self.best is None or score < self.best["score"]:
+                self.best = {"meta_params": copy.deepcopy(self.method.state_dict()), "score": score,
+                             "meta_batch": i + 1}
+
     def run_meta_batch(self, meta_batch: int | None = None,
                        on_window: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Meta-train on one meta-batch of trajectories (default: the next one) and advance progress."""
         i = self.progress.meta_batch if meta_batch is None else meta_batch
+        if self.stagger:
+            return self._run_staggered(i, on_window)
         seeds = self.seeds_for(i)
         prob = regression_batch(self.cfg.problem.dims, seeds, dtype=self.dtype, device=self.device)
         stepper = STEPPERS[self.stepper_kind](len(prob.weights), first_order=self.cfg.meta.first_order)
@@ -242,12 +354,7 @@ class MetaTrainer:
                 diverged = True
                 break
         self.progress.meta_batch = i + 1
-        every = self.cfg.train.select_every
-        if every and ((i + 1) % every == 0 or i + 1 == self.n_meta_batches):
-            score = self.selection_score()
-            if self.best is None or score < self.best["score"]:
-                self.best = {"meta_params": copy.deepcopy(self.method.state_dict()), "score": score,
-                             "meta_batch": i + 1}
+        self._maybe_select(i)
         self.progress.trajectories += self.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
         self.progress.wall += time.perf_counter() - t_begin
@@ -279,10 +386,30 @@ class MetaTrainer:
             "meta_optim": copy.deepcopy(self.opt.state_dict()),
             "best": copy.deepcopy(self.best),
             "progress": asdict(copy.deepcopy(self.progress)),
+            "population": self._population_payload(),
             "distributed": {"rank": self.rank, "world_size": self.world_size},
             "rng": torch.get_rng_state(),
             "versions": library_versions(),
         }
+
+    def _population_payload(self) -> dict[str, Any] | None:
+        pop = self.population
+        if pop is None:
+            return None
+        st = pop.state
+        copy_ = lambda x: x.detach().clone()  # noqa: E731
+        return {"weights": [copy_(w) for w in st.weights], "X": copy_(st.X), "Y": copy_(st.Y),
+                "lstm": _map_tensors(LearnedMethod.detach_state(st.lstm), copy_), "phase": copy_(st.phase),
+                "t": int(st.t), "life": copy_(pop.life), "next_seed": int(pop.next_seed)}
+
+    def _load_population(self, d: dict[str, Any] | None) -> None:
+        if d is None:
+            self.population = None
+            return
+        dev = lambda x: x.to(self.device)  # noqa: E731
+        s = start(self.method, [dev(w) for w in d["weights"]], dev(d["X"]), dev(d["Y"]))
+        s = dataclasses.replace(s, lstm=_map_tensors(d["lstm"], dev), phase=dev(d["phase"]), t=int(d["t"]))
+        self.population = Population(s, dev(d["life"]), int(d["next_seed"]))
 
     def save(self, path, payload: dict[str, Any] | None = None):
         """Write the checkpoint (rank 0 only; other ranks hold the same state and return None)."""
@@ -301,6 +428,7 @@ class MetaTrainer:
                                      f"{str(e).splitlines()[0][:150]}") from None
         self.progress = Progress(**ck["progress"])
         self.best = copy.deepcopy(ck.get("best"))
+        self._load_population(ck.get("population"))
 
     @classmethod
     def resume(cls, path, *, trajectories: int | None = None, **kwargs) -> "MetaTrainer":

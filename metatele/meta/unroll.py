@@ -50,6 +50,9 @@ class InnerState:
     teleport's compute dtype; lstm: the method's recurrent state; t: index of the next inner step;
     tele_view: the same weights as ``g(T) . stop_grad(w')`` when the last step teleported under
     ``through_teleport`` (their graph reaches only ``T``), else None.
+    phase: ``(B,)`` long, each trajectory's own inner step when they are not in step (staggered
+    meta-training, ``train.stagger``; the teleport schedule is then per trajectory), else None (every
+    trajectory is at step ``t``).
     """
 
     weights: tuple[Tensor, ...]
@@ -59,18 +62,37 @@ class InnerState:
     lstm: dict[str, Any]
     t: int = 0
     tele_view: tuple[Tensor, ...] | None = None
+    phase: Tensor | None = None
 
     def cut(self, requires_grad: bool = True) -> "InnerState":
         """Truncation boundary: detach weights and recurrent state (no graph crosses it)."""
         w = tuple(x.detach().requires_grad_(requires_grad) for x in self.weights)
-        return InnerState(w, self.X, self.Y, self.X_pinv, LearnedMethod.detach_state(self.lstm), self.t)
+        return InnerState(w, self.X, self.Y, self.X_pinv, LearnedMethod.detach_state(self.lstm), self.t,
+                          phase=self.phase)
 
     def select(self, keep: Tensor) -> "InnerState":
         """The trajectories ``keep`` (indices into the batch) alone, e.g. to go on without diverged ones."""
         pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
         view = None if self.tele_view is None else tuple(pick(w) for w in self.tele_view)
         return InnerState(tuple(pick(w) for w in self.weights), pick(self.X), pick(self.Y), pick(self.X_pinv),
-                          LearnedMethod.select_state(self.lstm, keep), self.t, view)
+                          LearnedMethod.select_state(self.lstm, keep), self.t, view, pick(self.phase))
+
+    def replace(self, rows: Tensor, fresh: "InnerState") -> "InnerState":
+        """The trajectories ``rows`` (indices into the batch) replaced by those of ``fresh`` (a :func:`start`
+        of ``len(rows)`` new problems; their own phase, 0 by default), the others kept: a staggered
+        population's finished trajectories make way for new ones. Call it at a truncation boundary
+        (after :meth:`cut`: no graph, no teleport view)."""
+        if self.tele_view is not None:
+            raise ValueError("replace trajectories at a truncation boundary (after cut()), not mid-window")
+        put = lambda x, y: None if x is None else x.index_copy(0, rows, y.to(x.dtype))  # noqa: E731
+        phase = self.phase if self.phase is not None else torch.full((self.X.shape[0],), self.t, dtype=torch.long,
+                                                                     device=self.X.device)
+        new_phase = fresh.phase if fresh.phase is not None else torch.full((len(rows),), fresh.t, dtype=torch.long,
+                                                                           device=self.X.device)
+        w = tuple(put(x.detach(), y.detach()).requires_grad_(x.requires_grad) for x, y in zip(self.weights, fresh.weights))
+        return InnerState(w, put(self.X, fresh.X), put(self.Y, fresh.Y), put(self.X_pinv, fresh.X_pinv),
+                          LearnedMethod.replace_state(self.lstm, rows, fresh.lstm), self.t,
+                          phase=put(phase, new_phase))
 
 
 def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
@@ -113,15 +135,40 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
         return new
 
-    scale = method.teleport_scale(s.t)  # 0: no teleport at this step
+    # 0: no teleport at this step; a (B,) tensor when the trajectories are at different steps (staggered)
+    scale = method.teleport_scale(s.t) if s.phase is None else method.teleport_scales(s.phase)
+    moving = None  # staggered, when only some trajectories teleport at this step: their indices
+    if isinstance(scale, Tensor) and not bool((scale != 0).all()):
+        moving = (scale != 0).nonzero().squeeze(1)
+        scale = scale.index_select(0, moving)
+
+    def rows(xs):
+        return xs if moving is None else tuple(x.index_select(0, moving) for x in xs)
+
+    def proposed(g, state):
+        """The teleport LSTMs' ``T`` (of the ``moving`` trajectories only; the others keep their teleport
+        state and step size, as they would in a batch of their own)."""
+        if moving is None:
+            return method.propose_teleport(g, state)
+        Ts, sub = method.propose_teleport(rows(g), LearnedMethod.select_state(state, moving))
+        return Ts, LearnedMethod.replace_state(state, moving, sub)
 
     def teleported(w, Ts):
         """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (two plain calls: batching them
-        into one measured no faster at paper size)."""
-        if scale != 1.0:
+        into one measured no faster at paper size). Trajectories not ``moving`` keep ``w`` exactly."""
+        if isinstance(scale, Tensor):
+            Ts = [None if T is None else T * scale.to(T).reshape((-1,) + (1,) * (T.dim() - 1)) for T in Ts]
+        elif scale != 1.0:
             Ts = [None if T is None else T * scale for T in Ts]
-        view = method.teleport(tuple(x.detach() for x in w), X, Ts, s.X_pinv) if through else None
-        return method.teleport(w, X, Ts, s.X_pinv), view
+        Xs, Ps = rows((X,))[0], None if s.X_pinv is None else rows((s.X_pinv,))[0]
+        ws = rows(tuple(w))
+        view = method.teleport(tuple(x.detach() for x in ws), Xs, Ts, Ps) if through else None
+        out = method.teleport(ws, Xs, Ts, Ps)
+        if moving is not None:
+            out = tuple(x.index_copy(0, moving, y) for x, y in zip(w, out))
+            if view is not None:
+                view = tuple(x.detach().index_copy(0, moving, y) for x, y in zip(w, view))
+        return out, view
 
     def loss_grad(w, view):
         """``L(w)`` with its graph and the gradient the LSTMs read (taken at ``view`` when there is one)."""
@@ -136,18 +183,20 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         return loss, tuple(rule(tuple(w), g)), g
 
     view = None
-    if scale and c.order == "teleport_then_update":
+    teleports = isinstance(scale, Tensor) or scale != 0
+    if teleports and c.order == "teleport_then_update":
         loss, g = loss_grad(s.weights, s.tele_view)
-        Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
+        Ts, holder["lstm"] = proposed(g, holder["lstm"])
         w, w_view = teleported(s.weights, Ts)
         _, new, _ = loss_grad_step(w, w_view)
     else:
         loss, new, g = loss_grad_step(s.weights, s.tele_view)
-        if scale:
-            Ts, holder["lstm"] = method.propose_teleport(g, holder["lstm"])
+        if teleports:
+            Ts, holder["lstm"] = proposed(g, holder["lstm"])
             new, view = teleported(new, Ts)
     gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
-    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view), loss, gn
+    phase = None if s.phase is None else s.phase + 1
+    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view, phase), loss, gn
 
 
 def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "sum",
