@@ -408,7 +408,8 @@ class MethodConfig:
     ``until``: this method teleports only at inner steps ``t < until`` (0: ``teleport.until``, or its
     ``steps`` with ``teleport.until_horizon``), in training and in evaluation alike. ``stagger``: this
     method's ``train.stagger`` (absent: ``train.stagger``); a population of 2 trajectories cannot spread
-    over a horizon of 30 windows, so LSTM(lr,tele) at 2 per meta-batch trains in lockstep."""
+    over a horizon of 30 windows, so LSTM(lr,tele) at 2 per meta-batch trains in lockstep.
+    ``through_teleport``: this method's ``meta.through_teleport`` (absent: ``meta.through_teleport``)."""
 
     trajectories: int
     steps: int
@@ -418,6 +419,7 @@ class MethodConfig:
     threads: int = 0
     until: int = 0
     stagger: bool | None = None
+    through_teleport: bool | None = None
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
@@ -428,8 +430,10 @@ class MethodConfig:
         _check_range(f"methods.{name}.until", self.until, 0, 10**9, integer=True)
         if self.magnitude_mode != "":
             _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
-        if self.stagger is not None and not isinstance(self.stagger, bool):
-            raise ValueError(f"methods.{name}.stagger = {self.stagger!r} must be true or false")
+        for key in ("stagger", "through_teleport"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"methods.{name}.{key} = {value!r} must be true or false")
 
 
 def _paper_methods() -> dict[str, MethodConfig]:
@@ -455,6 +459,12 @@ class Config:
         """Whether ``method`` meta-trains with staggered truncations: its own ``stagger``, else ``train.stagger``."""
         m = self.methods.get(method)
         return self.train.stagger if m is None or m.stagger is None else m.stagger
+
+    def through_teleport_of(self, method: str) -> bool:
+        """Whether ``method`` learns through its teleports: its own ``through_teleport``, else
+        ``meta.through_teleport``."""
+        m = self.methods.get(method)
+        return self.meta.through_teleport if m is None or m.through_teleport is None else m.through_teleport
 
     def threads_of(self, method: str) -> int:
         """Torch CPU threads for meta-training ``method`` (0: leave torch's setting)."""

@@ -106,6 +106,26 @@ def test_through_teleport_trains_and_leaves_lstm_update_alone():
 def test_through_teleport_must_be_boolean():
     with pytest.raises(ValueError, match="through_teleport"):
         tiny_config(meta__through_teleport="yes")
+    with pytest.raises(ValueError, match="methods.lstm_lr_tele.through_teleport"):
+        tiny_config(methods__lstm_lr_tele={"trajectories": 4, "steps": 6, "through_teleport": 1})
+
+
+def test_per_method_through_teleport_overrides_meta():
+    """A method's own ``through_teleport`` wins over ``meta.through_teleport``, and the trainer unrolls with
+    it: LSTM(lr,tele) first order gives exactly the meta-gradient of a configuration without the option."""
+    cfg = tiny_config(meta__through_teleport=True)
+    cfg.methods["lstm_lr_tele"].through_teleport = False
+    assert cfg.through_teleport_of("lstm_update_tele") and not cfg.through_teleport_of("lstm_lr_tele")
+    plain = tiny_config(meta__through_teleport=False)
+    runs = []
+    for c in (cfg, plain):
+        tr = MetaTrainer("lstm_lr_tele", c)
+        tr.run_meta_batch()
+        runs.append(tr)
+    assert not runs[0].through and runs[0].progress.history == runs[1].progress.history
+    for x, y in zip(runs[0].method.parameters(), runs[1].method.parameters()):
+        assert torch.equal(x, y)
+    assert MetaTrainer("lstm_update_tele", cfg).through
 
 
 @pytest.mark.parametrize("method_name", METHODS)
@@ -441,18 +461,19 @@ def test_every_shipped_config_loads(path):
 
 
 def test_paper_fast_recipe():
-    """configs/paper_fast.toml's LSTM(update,tele) teleports with a learned distance up to 0.1 over its first
+    """configs/paper_fast.toml's LSTM(update,tele) teleports with a learned distance up to 0.15 over its first
     50 steps, learning through its teleports; LSTM(lr,tele) teleports to its horizon on one thread; the
     update LSTMs train with staggered truncations."""
     cfg = load_config(CONFIGS / "paper_fast.toml")
     tele = build_method("lstm_update_tele", cfg)
-    assert (tele.tele_until, tele.tele_cfg.magnitude, tele.tele_cfg.magnitude_mode) == (50, 0.1, "learned")
+    assert (tele.tele_until, tele.tele_cfg.magnitude, tele.tele_cfg.magnitude_mode) == (50, 0.15, "learned")
     lr = build_method("lstm_lr_tele", cfg)
     assert (lr.tele_until, lr.tele_cfg.magnitude, lr.tele_cfg.magnitude_mode) == (300, 0.01, "fixed")
     assert cfg.meta.through_teleport and cfg.threads_of("lstm_lr_tele") == 1 and cfg.train.batch == 32
     # staggered truncations for the two update LSTMs (at the paper's meta lr), lockstep for LSTM(lr,tele)
     assert cfg.stagger_of("lstm_update_tele") and cfg.stagger_of("lstm_update") and not cfg.stagger_of("lstm_lr_tele")
     assert cfg.meta.lr_update == 1e-3
+    assert cfg.through_teleport_of("lstm_update_tele") and not cfg.through_teleport_of("lstm_lr_tele")
 
 
 def test_teleport_scale_first_magnitude_and_taper():

@@ -195,6 +195,7 @@ class MetaTrainer:
         self.best: dict[str, Any] | None = None  # selected meta-parameters (train.select_every)
         self.population: Population | None = None  # train.stagger: created by the first meta-batch
         self.stagger = cfg.stagger_of(method_name)
+        self.through = cfg.through_teleport_of(method_name)
         if self.stagger:
             if world_size > 1 or window_hook is not None or stop_hook is not None:
                 raise ValueError("train.stagger is single-process: set it to false for data-parallel runs")
@@ -272,7 +273,7 @@ class MetaTrainer:
         metas, started = [], []
         for _ in range(H // K):
             s, meta, rec = run_window(self.method, s, K, stepper, kind=self.cfg.meta.meta_loss,
-                                      decay=self.cfg.meta.decay, through_teleport=self.cfg.meta.through_teleport)
+                                      decay=self.cfg.meta.decay, through_teleport=self.through)
             m = float(meta.detach()) / K
             applied = self._meta_update(meta)
             s = s.cut()
@@ -327,7 +328,7 @@ class MetaTrainer:
             first_window = s.t == 0
             s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
                                       decay=self.cfg.meta.decay, stop_sync=self.stop_hook,
-                                      through_teleport=self.cfg.meta.through_teleport)
+                                      through_teleport=self.through)
             m = float(meta.detach()) / k  # logged unweighted
             if first_window and self.cfg.meta.first_window_weight != 1.0:
                 meta = meta * self.cfg.meta.first_window_weight
