@@ -472,7 +472,7 @@ def test_paper_fast_recipe():
     assert cfg.meta.through_teleport and cfg.threads_of("lstm_lr_tele") == 1 and cfg.train.batch == 32
     # staggered truncations for the two update LSTMs (at the paper's meta lr), lockstep for LSTM(lr,tele)
     assert cfg.stagger_of("lstm_update_tele") and cfg.stagger_of("lstm_update") and not cfg.stagger_of("lstm_lr_tele")
-    assert cfg.meta.lr_update == 1e-3
+    assert cfg.meta.lr_update == 1e-3 and cfg.batch_of("lstm_update_tele") == 32
     assert cfg.through_teleport_of("lstm_update_tele") and not cfg.through_teleport_of("lstm_lr_tele")
 
 
