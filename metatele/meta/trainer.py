@@ -71,12 +71,13 @@ class Progress:
     """Counters of a meta-training run (all saved in checkpoints)."""
 
     meta_batch: int = 0      # completed meta-batches (the global step)
-    trajectories: int = 0    # trajectories completed (all processes together)
+    trajectories: int = 0    # trajectories completed (all processes together; staggered: lives ended)
     windows: int = 0         # truncation windows run (meta-updates attempted)
     updates: int = 0         # meta-updates applied
     skipped: int = 0         # meta-updates skipped: non-finite meta-loss or meta-gradient
     diverged: int = 0        # meta-batches abandoned because the inner weights went non-finite
-    dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone)
+    dropped: int = 0         # trajectories left out of the rest of their meta-batch (diverged alone;
+                             # staggered: replaced by new ones)
     wall: float = 0.0        # seconds spent in meta-batches
     history: list[float] = field(default_factory=list)  # mean meta-loss per step, per meta-batch
 
