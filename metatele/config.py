@@ -455,16 +455,19 @@ class Config:
         m = self.methods.get(method)
         return m.batch if m is not None and m.batch > 0 else self.train.batch
 
+    def _own(self, method: str, key: str, default):
+        """``methods.<method>.<key>`` where the method sets it (not None), else ``default``."""
+        value = getattr(self.methods[method], key) if method in self.methods else None
+        return default if value is None else value
+
     def stagger_of(self, method: str) -> bool:
         """Whether ``method`` meta-trains with staggered truncations: its own ``stagger``, else ``train.stagger``."""
-        m = self.methods.get(method)
-        return self.train.stagger if m is None or m.stagger is None else m.stagger
+        return self._own(method, "stagger", self.train.stagger)
 
     def through_teleport_of(self, method: str) -> bool:
         """Whether ``method`` learns through its teleports: its own ``through_teleport``, else
         ``meta.through_teleport``."""
-        m = self.methods.get(method)
-        return self.meta.through_teleport if m is None or m.through_teleport is None else m.through_teleport
+        return self._own(method, "through_teleport", self.meta.through_teleport)
 
     def threads_of(self, method: str) -> int:
         """Torch CPU threads for meta-training ``method`` (0: leave torch's setting)."""

@@ -250,8 +250,24 @@ class MetaTrainer:
         return True
 
     def _start(self, seeds: list[int]) -> InnerState:
+        """Inner state of new trajectories on the training problems ``seeds``."""
         prob = regression_batch(self.cfg.problem.dims, seeds, dtype=self.dtype, device=self.device)
         return start(self.method, prob.weights, prob.X, prob.Y)
+
+    def _window(self, s: InnerState, k: int, stepper) -> tuple[InnerState, torch.Tensor, torch.Tensor]:
+        """One truncation window of ``k`` inner steps with this trainer's meta-loss settings."""
+        m = self.cfg.meta
+        return run_window(self.method, s, k, stepper, kind=m.meta_loss, decay=m.decay, stop_sync=self.stop_hook,
+                          through_teleport=self.through)
+
+    def _end_meta_batch(self, i: int, metas: list[float], t_begin: float) -> float:
+        """Bookkeeping after meta-batch ``i``: progress, the selection check, the mean meta-loss (returned)."""
+        self.progress.meta_batch = i + 1
+        self._maybe_select(i)
+        self.progress.wall += time.perf_counter() - t_begin
+        mean = sum(metas) / len(metas) if metas else float("nan")
+        self.progress.history.append(mean)
+        return mean
 
     def _new_population(self) -> Population:
         """``B`` trajectories at step 0 whose first lives end after ``K, 2K, ..., H, K, 2K, ...`` steps."""
@@ -273,12 +289,11 @@ class MetaTrainer:
         t_begin = time.perf_counter()
         metas, started = [], []
         for _ in range(H // K):
-            s, meta, rec = run_window(self.method, s, K, stepper, kind=self.cfg.meta.meta_loss,
-                                      decay=self.cfg.meta.decay, through_teleport=self.through)
+            s, meta, rec = self._window(s, K, stepper)
             m = float(meta.detach()) / K
             applied = self._meta_update(meta)
             s = s.cut()
-            rows_bad = torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in s.weights]).any(0)
+            rows_bad = s.diverged_rows()
             done = rows_bad | (s.phase >= pop.life)
             if bool(done.any()):
                 rows = done.nonzero().squeeze(1)
@@ -292,14 +307,10 @@ class MetaTrainer:
             if math.isfinite(m):
                 metas.append(m)
             if on_window is not None:
-                on_window({"meta_batch": i, "t": int(s.t), "meta_loss": m, "applied": applied,
+                on_window({"meta_batch": i, "t": s.t, "meta_loss": m, "applied": applied,
                            "inner_loss": float(rec[-1].mean())})
         pop.state = s
-        self.progress.meta_batch = i + 1
-        self._maybe_select(i)
-        self.progress.wall += time.perf_counter() - t_begin
-        mean = sum(metas) / len(metas) if metas else float("nan")
-        self.progress.history.append(mean)
+        mean = self._end_meta_batch(i, metas, t_begin)
         return {"meta_batch": i, "meta_loss": mean, "diverged": False, "seeds": started}
 
     def _maybe_select(self, i: int) -> None:
@@ -318,25 +329,21 @@ class MetaTrainer:
         if self.stagger:
             return self._run_staggered(i, on_window)
         seeds = self.seeds_for(i)
-        prob = regression_batch(self.cfg.problem.dims, seeds, dtype=self.dtype, device=self.device)
-        stepper = STEPPERS[self.stepper_kind](len(prob.weights), first_order=self.cfg.meta.first_order)
-        s: InnerState = start(self.method, prob.weights, prob.X, prob.Y)
+        s = self._start(seeds)
+        stepper = STEPPERS[self.stepper_kind](len(s.weights), first_order=self.cfg.meta.first_order)
         steps, K = self.counts.steps, self.cfg.meta.unroll
         t_begin = time.perf_counter()
         metas, diverged = [], False
         while s.t < steps:
             k = min(K, steps - s.t)
             first_window = s.t == 0
-            s, meta, rec = run_window(self.method, s, k, stepper, kind=self.cfg.meta.meta_loss,
-                                      decay=self.cfg.meta.decay, stop_sync=self.stop_hook,
-                                      through_teleport=self.through)
+            s, meta, rec = self._window(s, k, stepper)
             m = float(meta.detach()) / k  # logged unweighted
             if first_window and self.cfg.meta.first_window_weight != 1.0:
                 meta = meta * self.cfg.meta.first_window_weight
             applied = self._meta_update(meta)
             s = s.cut()
-            # trajectories whose weights went non-finite
-            rows_bad = torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in s.weights]).any(0)
+            rows_bad = s.diverged_rows()
             bad = bool(rows_bad.any())
             if self.window_hook is not None:  # world-wide meta-loss; stop on every rank if one diverged
                 m, bad = self.window_hook(m, bad)
@@ -355,13 +362,9 @@ class MetaTrainer:
             if bad:
                 diverged = True
                 break
-        self.progress.meta_batch = i + 1
-        self._maybe_select(i)
         self.progress.trajectories += self.batch  # global: the whole world's meta-batch
         self.progress.diverged += int(diverged)
-        self.progress.wall += time.perf_counter() - t_begin
-        mean = sum(metas) / len(metas) if metas else float("nan")
-        self.progress.history.append(mean)
+        mean = self._end_meta_batch(i, metas, t_begin)
         return {"meta_batch": i, "meta_loss": mean, "diverged": diverged, "seeds": seeds}
 
     def selection_seeds(self) -> list[int]:

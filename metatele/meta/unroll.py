@@ -77,22 +77,28 @@ class InnerState:
         return InnerState(tuple(pick(w) for w in self.weights), pick(self.X), pick(self.Y), pick(self.X_pinv),
                           LearnedMethod.select_state(self.lstm, keep), self.t, view, pick(self.phase))
 
+    def phases(self) -> Tensor:
+        """Each trajectory's inner step ``(B,)``: ``phase``, or ``t`` for all when they are in step."""
+        if self.phase is not None:
+            return self.phase
+        return torch.full((self.X.shape[0],), self.t, dtype=torch.long, device=self.X.device)
+
+    def diverged_rows(self) -> Tensor:
+        """``(B,)`` bool: the trajectories whose weights are no longer finite."""
+        return torch.stack([~torch.isfinite(w).flatten(1).all(1) for w in self.weights]).any(0)
+
     def replace(self, rows: Tensor, fresh: "InnerState") -> "InnerState":
         """The trajectories ``rows`` (indices into the batch) replaced by those of ``fresh`` (a :func:`start`
-        of ``len(rows)`` new problems; their own phase, 0 by default), the others kept: a staggered
+        of ``len(rows)`` new problems, at their own step, 0 by default), the others kept: a staggered
         population's finished trajectories make way for new ones. Call it at a truncation boundary
         (after :meth:`cut`: no graph, no teleport view)."""
         if self.tele_view is not None:
             raise ValueError("replace trajectories at a truncation boundary (after cut()), not mid-window")
         put = lambda x, y: None if x is None else x.index_copy(0, rows, y.to(x.dtype))  # noqa: E731
-        phase = self.phase if self.phase is not None else torch.full((self.X.shape[0],), self.t, dtype=torch.long,
-                                                                     device=self.X.device)
-        new_phase = fresh.phase if fresh.phase is not None else torch.full((len(rows),), fresh.t, dtype=torch.long,
-                                                                           device=self.X.device)
         w = tuple(put(x.detach(), y.detach()).requires_grad_(x.requires_grad) for x, y in zip(self.weights, fresh.weights))
         return InnerState(w, put(self.X, fresh.X), put(self.Y, fresh.Y), put(self.X_pinv, fresh.X_pinv),
                           LearnedMethod.replace_state(self.lstm, rows, fresh.lstm), self.t,
-                          phase=put(phase, new_phase))
+                          phase=put(self.phases(), fresh.phases()))
 
 
 def start(method: LearnedMethod, weights: Sequence[Tensor], X: Tensor, Y: Tensor, *,
@@ -142,15 +148,16 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         moving = (scale != 0).nonzero().squeeze(1)
         scale = scale.index_select(0, moving)
 
-    def rows(xs):
-        return xs if moving is None else tuple(x.index_select(0, moving) for x in xs)
+    def pick(x):
+        """The ``moving`` trajectories' rows of ``x`` (all of it when every trajectory teleports)."""
+        return x if moving is None or x is None else x.index_select(0, moving)
 
     def proposed(g, state):
         """The teleport LSTMs' ``T`` (of the ``moving`` trajectories only; the others keep their teleport
         state and step size, as they would in a batch of their own)."""
         if moving is None:
             return method.propose_teleport(g, state)
-        Ts, sub = method.propose_teleport(rows(g), LearnedMethod.select_state(state, moving))
+        Ts, sub = method.propose_teleport(tuple(pick(x) for x in g), LearnedMethod.select_state(state, moving))
         return Ts, LearnedMethod.replace_state(state, moving, sub)
 
     def teleported(w, Ts):
@@ -160,8 +167,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
             Ts = [None if T is None else T * scale.to(T).reshape((-1,) + (1,) * (T.dim() - 1)) for T in Ts]
         elif scale != 1.0:
             Ts = [None if T is None else T * scale for T in Ts]
-        Xs, Ps = rows((X,))[0], None if s.X_pinv is None else rows((s.X_pinv,))[0]
-        ws = rows(tuple(w))
+        ws, Xs, Ps = tuple(pick(x) for x in w), pick(X), pick(s.X_pinv)
         view = method.teleport(tuple(x.detach() for x in ws), Xs, Ts, Ps) if through else None
         out = method.teleport(ws, Xs, Ts, Ps)
         if moving is not None:
