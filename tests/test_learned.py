@@ -204,6 +204,24 @@ def test_deferred_weight_gradients_equal_autograd(name, arch):
     assert torch.allclose(w.grad, 1 + torch.ones(2, 3, dtype=torch.float64).T @ x)
 
 
+def test_deferred_linear_input_gradient_of_some_rows():
+    """``grad_rows``: the input gradient of those rows equals autograd's, the other rows get zero, and the
+    weight gradient is unchanged."""
+    from metatele.learned.deferred import deferred_linear
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(5, 3, dtype=torch.float64)
+    (torch.nn.functional.linear(x, w) * gy).sum().backward()
+    ref_x, ref_w = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    rows = torch.tensor([1, 4])
+    (deferred_linear(x, w, grad_rows=rows) * gy).sum().backward()
+    assert torch.allclose(w.grad, ref_w, rtol=1e-13, atol=0)
+    assert torch.allclose(x.grad[rows], ref_x[rows], rtol=1e-13, atol=0)
+    assert torch.count_nonzero(x.grad[[0, 2, 3]]) == 0
+
+
 def test_learned_optimizer_teleport_validates_inputs_and_guards(tmp_path):
     """Issue 9.3: bad inputs to LearnedOptimizer.teleport give a ValueError / TypeError naming the argument;
     a teleport that would not keep the outputs (batch larger than the widths) is refused and explained."""

@@ -11,6 +11,10 @@ gradient of ``x`` (and of ``b``) and records ``(gy_t, x_t)``; when the backward 
 forms ``W.grad += [gy_1; ...; gy_K]^T [x_1; ...; x_K]``: one matrix product over all uses, the same
 sum in a different order (equal to autograd's result up to floating-point rounding, tested).
 
+``grad_rows`` (an index tensor, optional): only those rows of ``x`` need an input gradient; the others
+get zero. It is a promise of the caller that nothing upstream of the other rows needs a gradient (e.g. rows
+of a batch that are detached constants), and saves the part of ``gy W`` that would be thrown away.
+
 Limits (why it is opt-in, see ``StackedLSTM.defer_weight_grad``): the weight's gradient is *accumulated
 into* ``W.grad`` like ``Tensor.backward`` does, so it is meant for ``loss.backward()``; with
 ``torch.autograd.grad(..., inputs=[W])`` the weight would get no gradient. Backward passes of one process
@@ -49,8 +53,9 @@ def _flush() -> None:
 
 class _DeferredLinear(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, grad_rows: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.grad_rows = grad_rows
         return x @ weight.transpose(0, 1)
 
     @staticmethod
@@ -63,15 +68,24 @@ class _DeferredLinear(Function):
                 _PENDING[task] = []
                 torch.autograd.Variable._execution_engine.queue_callback(_flush)
             _PENDING[task].append((weight, gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])))
-        gx = gy @ weight if ctx.needs_input_grad[0] else None
-        return gx, None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            rows = ctx.grad_rows
+            if rows is None:
+                gx = gy @ weight
+            else:  # the other rows' input gradient is not needed (module docstring)
+                gx = gy.new_zeros(gy.shape[:-1] + weight.shape[1:])
+                gx.index_copy_(0, rows, gy.index_select(0, rows) @ weight)
+        return gx, None, None
 
 
-def deferred_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def deferred_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                    grad_rows: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` (``x (..., in)``, ``weight (out, in)``) with the weight gradient
-    deferred to the end of the backward pass (module docstring). Plain ``F.linear`` when no graph is
-    recorded or the weight needs no gradient."""
+    deferred to the end of the backward pass (module docstring); ``grad_rows``: the rows (first dimension)
+    of ``x`` whose input gradient is needed, None for all. Plain ``F.linear`` when no graph is recorded or
+    the weight needs no gradient."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return F.linear(x, weight, bias)
-    y = _DeferredLinear.apply(x, weight)
+    y = _DeferredLinear.apply(x, weight, grad_rows)
     return y if bias is None else y + bias

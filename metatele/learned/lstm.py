@@ -38,15 +38,18 @@ def detach_state(state: LSTMState) -> LSTMState:
     return tuple((h.detach(), c.detach()) for h, c in state)  # type: ignore[return-value]
 
 
-def lstm_cell(x: Tensor, state: tuple[Tensor, Tensor], cell: nn.LSTMCell, defer: bool = False
-              ) -> tuple[Tensor, Tensor]:
+def lstm_cell(x: Tensor, state: tuple[Tensor, Tensor], cell: nn.LSTMCell, defer: bool = False,
+              x_grad_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One ``nn.LSTMCell`` step ``(h, c) -> (h', c')`` (Hochreiter and Schmidhuber's gates in PyTorch's
     ``i, f, g, o`` order). ``defer=True`` forms the gradients of ``weight_ih`` and ``weight_hh`` once per
-    backward pass (:mod:`metatele.learned.deferred`); otherwise the fused ``nn.LSTMCell`` kernel runs."""
+    backward pass (:mod:`metatele.learned.deferred`); otherwise the fused ``nn.LSTMCell`` kernel runs.
+    ``x_grad_rows`` (with ``defer``): the rows of ``x`` whose gradient is needed (see
+    :func:`~metatele.learned.deferred.deferred_linear`), None for all."""
     if not (defer and torch.is_grad_enabled()):
         return cell(x, state)
     h, c = state
-    gates = deferred_linear(x, cell.weight_ih, cell.bias_ih) + deferred_linear(h, cell.weight_hh, cell.bias_hh)
+    gates = (deferred_linear(x, cell.weight_ih, cell.bias_ih, x_grad_rows)
+             + deferred_linear(h, cell.weight_hh, cell.bias_hh))
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
@@ -115,8 +118,10 @@ class StackedLSTM(nn.Module):
         z = lambda: torch.zeros(n, self.hidden, dtype=dtype, device=device)  # noqa: E731
         return ((z(), z()), (z(), z()))
 
-    def forward(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        h1, c1 = lstm_cell(x, state[0], self.cell1, self.defer_weight_grad)
+    def forward(self, x: Tensor, state: LSTMState, x_grad_rows: Tensor | None = None
+                ) -> tuple[Tensor, LSTMState]:
+        """``x_grad_rows``: the rows of ``x`` whose gradient is needed (None: all; see :func:`lstm_cell`)."""
+        h1, c1 = lstm_cell(x, state[0], self.cell1, self.defer_weight_grad, x_grad_rows)
         h2, c2 = lstm_cell(h1, state[1], self.cell2, self.defer_weight_grad)
         return h2, ((h1, c1), (h2, c2))
 
@@ -183,8 +188,11 @@ class UpdateLSTM(_GradLSTM):
                 self.head.weight.mul_(0.1)
                 self.head.bias.zero_()
 
-    def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        h, state = self.lstm(self._features(grad), state)
+    def forward(self, grad: Tensor, state: LSTMState, grad_rows: Tensor | None = None
+                ) -> tuple[Tensor, LSTMState]:
+        """``grad_rows``: the trajectories whose ``grad`` carries a graph the meta-gradient needs (the others
+        are constants); None: all. It only saves work."""
+        h, state = self.lstm(self._features(grad), state, grad_rows)
         out = linear(self.head, h, self.lstm.defer_weight_grad)
         u = _output_update(out, grad, self.update_param, self.update_scale, self.update_clamp, self.precond_lr,
                            self.precond_range)
@@ -220,7 +228,10 @@ class CoordinateUpdateLSTM(nn.Module):
     def init_state(self, batch: int, dtype=None, device=None, *, n_params: int) -> LSTMState:
         return self.lstm.init_state(batch * n_params, dtype, device)
 
-    def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+    def forward(self, grad: Tensor, state: LSTMState, grad_rows: Tensor | None = None
+                ) -> tuple[Tensor, LSTMState]:
+        """``grad_rows`` is accepted for the interface of :class:`UpdateLSTM` and not used (every row's input
+        gradient is formed)."""
         B, P = grad.shape
         x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.preprocess_p)
         h, state = self.lstm(x, state)

@@ -228,12 +228,16 @@ class LearnedMethod(nn.Module):
 
     # ------------------------------------------------------------------ the step pieces
     def propose_update(self, weights: Sequence[Tensor], grads: Sequence[Tensor],
-                       state: dict[str, Any]) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
-        """One local update: ``w - UpdateLSTM(grad)`` or ``w - lr_t grad``. Shapes ``W_i (B, out, in)``."""
+                       state: dict[str, Any], grad_rows: Tensor | None = None
+                       ) -> tuple[tuple[Tensor, ...], dict[str, Any]]:
+        """One local update: ``w - UpdateLSTM(grad)`` or ``w - lr_t grad``. Shapes ``W_i (B, out, in)``.
+        ``grad_rows``: the trajectories whose ``grads`` carry a graph the meta-gradient needs, the others'
+        being constants (None: all); it only saves work in the meta-gradient."""
         state = dict(state)
         if self.update_net is not None:
             g = flatten(grads, 1)
-            u, state["update"] = self.update_net(g.to(next(self.update_net.parameters()).dtype), state["update"])
+            u, state["update"] = self.update_net(g.to(next(self.update_net.parameters()).dtype), state["update"],
+                                                 grad_rows)
             new = flatten(weights, 1) - u.to(g.dtype)
             return unflatten(new, weights, 1), state
         lr = state["lr"].to(weights[0].dtype)

@@ -53,6 +53,8 @@ class InnerState:
     phase: ``(B,)`` long, each trajectory's own inner step when they are not in step (staggered
     meta-training, ``train.stagger``; the teleport schedule is then per trajectory), else None (every
     trajectory is at step ``t``).
+    view_rows: when only some trajectories teleported at the last step (staggered), their indices ``(m,)``;
+    ``tele_view`` then holds those ``m`` rows only (the others' gradient is a constant). None: all rows.
     """
 
     weights: tuple[Tensor, ...]
@@ -63,6 +65,7 @@ class InnerState:
     t: int = 0
     tele_view: tuple[Tensor, ...] | None = None
     phase: Tensor | None = None
+    view_rows: Tensor | None = None
 
     def cut(self, requires_grad: bool = True) -> "InnerState":
         """Truncation boundary: detach weights and recurrent state (no graph crosses it)."""
@@ -73,7 +76,10 @@ class InnerState:
     def select(self, keep: Tensor) -> "InnerState":
         """The trajectories ``keep`` (indices into the batch) alone, e.g. to go on without diverged ones."""
         pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
-        view = None if self.tele_view is None else tuple(pick(w) for w in self.tele_view)
+        view = self.tele_view
+        if view is not None and self.view_rows is not None:  # one view row per trajectory again
+            view = tuple(w.detach().index_copy(0, self.view_rows, v) for w, v in zip(self.weights, view))
+        view = None if view is None else tuple(pick(w) for w in view)
         return InnerState(tuple(pick(w) for w in self.weights), pick(self.X), pick(self.Y), pick(self.X_pinv),
                           LearnedMethod.select_state(self.lstm, keep), self.t, view, pick(self.phase))
 
@@ -137,8 +143,9 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
 
     holder = {"lstm": s.lstm}
 
-    def rule(w, g):
-        new, holder["lstm"] = method.propose_update(w, g, holder["lstm"])
+    def rule(w, g, grad_rows=None):
+        extra = {} if grad_rows is None else {"grad_rows": grad_rows}
+        new, holder["lstm"] = method.propose_update(w, g, holder["lstm"], **extra)
         return new
 
     # 0: no teleport at this step; a (B,) tensor when the trajectories are at different steps (staggered)
@@ -161,8 +168,9 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         return Ts, LearnedMethod.replace_state(state, moving, sub)
 
     def teleported(w, Ts):
-        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` (two plain calls: batching them
-        into one measured no faster at paper size). Trajectories not ``moving`` keep ``w`` exactly."""
+        """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` of the ``moving`` trajectories
+        (two plain calls: batching them into one measured no faster at paper size). Trajectories not ``moving``
+        keep ``w`` exactly. Returns ``(weights, view, view_rows)``: the view has the rows ``moving`` only."""
         if isinstance(scale, Tensor):
             Ts = [None if T is None else T * scale.to(T).reshape((-1,) + (1,) * (T.dim() - 1)) for T in Ts]
         elif scale != 1.0:
@@ -172,37 +180,45 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         out = method.teleport(ws, Xs, Ts, Ps)
         if moving is not None:
             out = tuple(x.index_copy(0, moving, y) for x, y in zip(w, out))
-            if view is not None:
-                view = tuple(x.detach().index_copy(0, moving, y) for x, y in zip(w, view))
-        return out, view
+        return out, view, moving
 
-    def loss_grad(w, view):
-        """``L(w)`` with its graph and the gradient the LSTMs read (taken at ``view`` when there is one)."""
+    def loss_grad(w, view, rows):
+        """``L(w)`` with its graph and the gradient the LSTMs read: taken at ``view`` when there is one, for
+        the trajectories ``rows`` that it covers (None: all); the others' gradient is a constant, so the
+        second-order work is done on the teleported rows only."""
         if view is None:
             return stepper.grad(w, lf)
-        return lf(independent(w)), _grad_at_view(view, lf)
+        if rows is None:
+            return lf(independent(w)), _grad_at_view(view, lf)
+        loss, g = stepper.grad(w, lf)  # first order: constants
+        Xr, Yr = X.index_select(0, rows), Y.index_select(0, rows)
+        g_view = _grad_at_view(view, lambda v: mse_loss(v, Xr, Yr))
+        return loss, tuple(x.index_copy(0, rows, y) for x, y in zip(g, g_view))
 
-    def loss_grad_step(w, view):
+    def loss_grad_step(w, view, rows):
         if view is None:
             return stepper.step(w, lf, rule)
-        loss, g = loss_grad(w, view)
-        return loss, tuple(rule(tuple(w), g)), g
+        loss, g = loss_grad(w, view, rows)
+        return loss, tuple(rule(tuple(w), g, rows)), g
 
-    view = None
+    view = view_rows = None
     teleports = isinstance(scale, Tensor) or scale != 0
     if teleports and c.order == "teleport_then_update":
-        loss, g = loss_grad(s.weights, s.tele_view)
+        loss, g = loss_grad(s.weights, s.tele_view, s.view_rows)
         Ts, holder["lstm"] = proposed(g, holder["lstm"])
-        w, w_view = teleported(s.weights, Ts)
-        _, new, _ = loss_grad_step(w, w_view)
+        w, w_view, w_rows = teleported(s.weights, Ts)
+        _, new, _ = loss_grad_step(w, w_view, w_rows)
     else:
-        loss, new, g = loss_grad_step(s.weights, s.tele_view)
+        loss, new, g = loss_grad_step(s.weights, s.tele_view, s.view_rows)
         if teleports:
             Ts, holder["lstm"] = proposed(g, holder["lstm"])
-            new, view = teleported(new, Ts)
+            new, view, view_rows = teleported(new, Ts)
     gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
     phase = None if s.phase is None else s.phase + 1
-    return InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view, phase), loss, gn
+    if view is None:
+        view_rows = None
+    return (InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view, phase, view_rows),
+            loss, gn)
 
 
 def window_meta_loss(losses: Sequence[Tensor], start_loss: Tensor, kind: str = "sum",
