@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = [
     "METHODS", "DTYPE_NAMES", "UPDATE_ARCHS", "TELE_ARCHS", "PREPROCESS", "UPDATE_PARAMS", "LR_PARAMS", "LEARNED_ACTIONS",
-    "GROUP_PARAMS", "MAGNITUDE_MODES", "ORDERS", "COMPUTE_DTYPES", "META_LOSSES", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
+    "GROUP_PARAMS", "MAGNITUDE_MODES", "ORDERS", "COMPUTE_DTYPES", "META_LOSSES", "MATMUL_DTYPES", "ProblemConfig", "LSTMConfig", "TeleportConfig", "MetaConfig", "TrainConfig",
     "EvalConfig", "MethodConfig", "Config", "load_config", "config_from_dict", "config_to_dict",
     "PAPER_COUNTS",
 ]
@@ -48,6 +48,7 @@ MAGNITUDE_MODES = ("fixed", "learned")
 ORDERS = ("update_then_teleport", "teleport_then_update")
 COMPUTE_DTYPES = ("float64", "same")
 META_LOSSES = ("sum", "log", "mean_ratio")
+MATMUL_DTYPES = ("same", "bfloat16")
 
 #: Paper meta-training counts (trajectories, inner steps per trajectory), P2 section 6.
 PAPER_COUNTS = {"lstm_lr_tele": (30, 300), "lstm_update_tele": (700, 100), "lstm_update": (600, 100)}
@@ -260,6 +261,11 @@ class MetaConfig:
     lr_teleport: Adam step of the teleport LSTM (P2: 1e-4).
     lr_lr_teleport: Adam step of the LrTeleportLSTM (P2's code: 1e-4, hard-coded there).
     grad_clip: clip the meta-gradient to this global norm before the step (0 = off; P2: off).
+    matmul_dtype: precision of the LSTMs' matrix products in meta-training: ``"same"`` as the weights (P2),
+      or ``"bfloat16"`` (mixed precision: inputs, weights and the products' output gradients rounded to
+      bfloat16, accumulated in float32; weights, their gradients, the optimiser and everything else stay in
+      float32, and so does evaluation). Faster where the hardware has bfloat16 products (GPUs; CPUs with
+      AVX512-BF16) and the products have more than a few rows; measured in docs/meta_learning.md, section 10.
     """
 
     unroll: int = 10
@@ -272,6 +278,7 @@ class MetaConfig:
     lr_teleport: float = 1e-4
     lr_lr_teleport: float = 1e-4
     grad_clip: float = 0.0
+    matmul_dtype: str = "same"
 
     def validate(self) -> None:
         _check_range("meta.unroll", self.unroll, 1, 10**6, integer=True)
@@ -284,6 +291,7 @@ class MetaConfig:
             _check_range(f"meta.{k}", getattr(self, k), 0, 1.0, lo_open=True)
         _check_range("meta.grad_clip", self.grad_clip, 0, None)
         _check_range("meta.first_window_weight", self.first_window_weight, 0, 1e6, lo_open=True)
+        _check_choice("meta.matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)
 
 
 @dataclass
@@ -409,7 +417,8 @@ class MethodConfig:
     ``steps`` with ``teleport.until_horizon``), in training and in evaluation alike. ``stagger``: this
     method's ``train.stagger`` (absent: ``train.stagger``); a population of 2 trajectories cannot spread
     over a horizon of 30 windows, so LSTM(lr,tele) at 2 per meta-batch trains in lockstep.
-    ``through_teleport``: this method's ``meta.through_teleport`` (absent: ``meta.through_teleport``)."""
+    ``through_teleport``: this method's ``meta.through_teleport`` (absent: ``meta.through_teleport``).
+    ``matmul_dtype``: this method's ``meta.matmul_dtype`` ("": ``meta.matmul_dtype``)."""
 
     trajectories: int
     steps: int
@@ -420,6 +429,7 @@ class MethodConfig:
     until: int = 0
     stagger: bool | None = None
     through_teleport: bool | None = None
+    matmul_dtype: str = ""
 
     def validate(self, name: str) -> None:
         _check_range(f"methods.{name}.trajectories", self.trajectories, 1, 10**9, integer=True)
@@ -430,6 +440,8 @@ class MethodConfig:
         _check_range(f"methods.{name}.until", self.until, 0, 10**9, integer=True)
         if self.magnitude_mode != "":
             _check_choice(f"methods.{name}.magnitude_mode", self.magnitude_mode, MAGNITUDE_MODES)
+        if self.matmul_dtype != "":
+            _check_choice(f"methods.{name}.matmul_dtype", self.matmul_dtype, MATMUL_DTYPES)
         for key in ("stagger", "through_teleport"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, bool):
@@ -468,6 +480,12 @@ class Config:
         """Whether ``method`` learns through its teleports: its own ``through_teleport``, else
         ``meta.through_teleport``."""
         return self._own(method, "through_teleport", self.meta.through_teleport)
+
+    def matmul_dtype_of(self, method: str) -> str:
+        """The precision of ``method``'s LSTM products in meta-training: its own ``matmul_dtype``, else
+        ``meta.matmul_dtype``."""
+        own = self._own(method, "matmul_dtype", "")
+        return own or self.meta.matmul_dtype
 
     def threads_of(self, method: str) -> int:
         """Torch CPU threads for meta-training ``method`` (0: leave torch's setting)."""

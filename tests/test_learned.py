@@ -222,6 +222,45 @@ def test_deferred_linear_input_gradient_of_some_rows():
     assert torch.count_nonzero(x.grad[[0, 2, 3]]) == 0
 
 
+def test_deferred_linear_in_bfloat16():
+    """``dtype=torch.bfloat16``: the output, the input gradient and the (deferred) weight gradient are the
+    products of the bfloat16-rounded operands returned in float32, the bias stays float32, and a weight changed
+    in place by a fused optimiser step is used as it is now."""
+    from metatele.learned.deferred import deferred_linear
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    w = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    x = torch.randn(4, 5, requires_grad=True)
+    gy = torch.randn(4, 6)
+    y = deferred_linear(x, w, b, dtype=bf)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, (x.detach().to(bf) @ w.detach().to(bf).T).float() + b.detach())
+    (y * gy).sum().backward()
+    assert torch.equal(x.grad, (gy.to(bf) @ w.detach().to(bf)).float())
+    assert torch.equal(w.grad, (gy.to(bf).T @ x.detach().to(bf)).float())
+    assert torch.equal(b.grad, gy.sum(0))
+    assert torch.allclose(w.grad, gy.T @ x.detach(), rtol=0.05, atol=0.05)  # close to float32
+    w.grad = torch.ones_like(w)
+    torch.optim.Adam([w], lr=0.1, fused=True).step()  # changes w without bumping its version counter
+    y2 = deferred_linear(x, w, b, dtype=bf)
+    assert torch.equal(y2, (x.detach().to(bf) @ w.detach().to(bf).T).float() + b.detach())
+    # the weights' own dtype is the plain path
+    assert torch.equal(deferred_linear(x, w, b, dtype=torch.float32), torch.nn.functional.linear(x, w, b))
+    # inside reuse_casts a weight is rounded once; after the block the next use rounds its current value
+    from metatele.learned import deferred
+    with deferred.reuse_casts():
+        deferred_linear(x, w, b, dtype=bf)
+        first = deferred._CASTS[id(w)][1]
+        deferred_linear(x, w, b, dtype=bf)
+        assert deferred._CASTS[id(w)][1] is first and len(deferred._CASTS) == 1
+    assert deferred._CASTS is None
+    with torch.no_grad():
+        w.add_(1.0)
+    y3 = deferred_linear(x, w, b, dtype=bf)
+    assert torch.equal(y3, (x.detach().to(bf) @ w.detach().to(bf).T).float() + b.detach())
+
+
 def test_learned_optimizer_teleport_validates_inputs_and_guards(tmp_path):
     """Issue 9.3: bad inputs to LearnedOptimizer.teleport give a ValueError / TypeError naming the argument;
     a teleport that would not keep the outputs (batch larger than the widths) is refused and explained."""

@@ -177,6 +177,41 @@ def test_staggered_meta_training_learns():
     assert tr.progress.skipped == 0 and score() < before
 
 
+def test_bfloat16_products_meta_train_and_stay_close_to_float32():
+    """``meta.matmul_dtype = "bfloat16"`` (per method too): the LSTMs' products run in bfloat16 during
+    meta-training only, the meta-gradient stays close to float32's, and meta-training lowers the loss."""
+    cfg = tiny_config(train__stagger=True, train__batch=4, meta__meta_loss="log", meta__through_teleport=True)
+    grads = {}
+    for low in ("same", "bfloat16"):
+        cfg.methods["lstm_update_tele"].matmul_dtype = low
+        tr = MetaTrainer("lstm_update_tele", cfg)
+        assert tr.method.update_net.lstm.matmul_dtype == (None if low == "same" else torch.bfloat16)
+        tr.method.zero_grad(set_to_none=True)
+        s = tr._new_population().state
+        _, meta, _ = tr._window(s, cfg.meta.unroll, HigherStepper(2, first_order=True))
+        meta.backward()
+        grads[low] = torch.cat([p.grad.flatten() for p in tr.method.parameters() if p.grad is not None])
+    assert grads["same"].shape == grads["bfloat16"].shape
+    rel = (grads["bfloat16"] - grads["same"]).norm() / grads["same"].norm()
+    assert 0 < rel < 0.05, rel
+    cfg = tiny_config(train__stagger=True, train__batch=4, meta__meta_loss="log", meta__matmul_dtype="bfloat16")
+    cfg.methods["lstm_update"].trajectories = 60
+    tr = MetaTrainer("lstm_update", cfg)
+    assert cfg.matmul_dtype_of("lstm_update") == "bfloat16"
+    prob = regression_batch(cfg.problem.dims, train_seeds(8, start=10**6), dtype=torch.float32)
+
+    def score():
+        from metatele.meta.unroll import rollout
+        return float(rollout(tr.method, prob.weights, prob.X, prob.Y, 6)["loss"].log().mean())
+
+    before = score()
+    while tr.progress.meta_batch < tr.n_meta_batches:
+        tr.run_meta_batch()
+    assert tr.progress.skipped == 0 and score() < before
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        tiny_config(meta__matmul_dtype="float16")
+
+
 @pytest.mark.parametrize("change,match", [
     ({"meta__unroll": 4}, "multiple of meta.unroll"),
     ({"meta__first_window_weight": 2.0}, "first_window_weight"),

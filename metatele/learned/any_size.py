@@ -134,7 +134,7 @@ class NeuronwiseTeleportLSTM(nn.Module):
 
     def step_size(self, h: Tensor) -> Tensor:
         """``lr (B,)`` from the mean hidden state ``h (B, H)``."""
-        z = linear(self.lr_head, h, self.lstm.defer_weight_grad).squeeze(-1)
+        z = linear(self.lr_head, h, *self.lstm.deferral).squeeze(-1)
         return bounded_step_size(z, self.lr_min, self.lr_max, self.lr_param)
 
     def forward(self, grads: Sequence[Tensor], state: LSTMState
@@ -146,14 +146,14 @@ class NeuronwiseTeleportLSTM(nn.Module):
             raise ValueError(f"state has {state[0][0].shape[0]} rows; {B} trajectories x {N} hidden neurons "
                              f"need {B * N} (init_state(n_neurons={N}))")
         h, state = self.lstm(x.reshape(B * N, F), state)
-        defer = self.lstm.defer_weight_grad
-        out = linear(self.head, h, defer).reshape(B, N, -1)
+        defer = self.lstm.deferral
+        out = linear(self.head, h, *defer).reshape(B, N, -1)
         h = h.reshape(B, N, -1)
         Ts, start = [], 0
         for k in hidden_widths(grads):
             T = low_rank_T(out[:, start:start + k], self.rank, self.magnitude)
             if self.mag_head is not None:
-                s = torch.sigmoid(linear(self.mag_head, h[:, start:start + k], defer).mean(-2))  # (B, 1)
+                s = torch.sigmoid(linear(self.mag_head, h[:, start:start + k], *defer).mean(-2))  # (B, 1)
                 T = T * s.unsqueeze(-1)
             Ts.append(T)
             start += k

@@ -39,25 +39,26 @@ def detach_state(state: LSTMState) -> LSTMState:
 
 
 def lstm_cell(x: Tensor, state: tuple[Tensor, Tensor], cell: nn.LSTMCell, defer: bool = False,
-              x_grad_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              x_grad_rows: Tensor | None = None, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """One ``nn.LSTMCell`` step ``(h, c) -> (h', c')`` (Hochreiter and Schmidhuber's gates in PyTorch's
     ``i, f, g, o`` order). ``defer=True`` forms the gradients of ``weight_ih`` and ``weight_hh`` once per
     backward pass (:mod:`metatele.learned.deferred`); otherwise the fused ``nn.LSTMCell`` kernel runs.
-    ``x_grad_rows`` (with ``defer``): the rows of ``x`` whose gradient is needed (see
-    :func:`~metatele.learned.deferred.deferred_linear`), None for all."""
+    ``x_grad_rows`` (with ``defer``): the rows of ``x`` whose gradient is needed, None for all; ``dtype`` (with
+    ``defer``): the precision of the matrix products, None for the weights' (both: see
+    :func:`~metatele.learned.deferred.deferred_linear`)."""
     if not (defer and torch.is_grad_enabled()):
         return cell(x, state)
     h, c = state
-    gates = (deferred_linear(x, cell.weight_ih, cell.bias_ih, x_grad_rows)
-             + deferred_linear(h, cell.weight_hh, cell.bias_hh))
+    gates = (deferred_linear(x, cell.weight_ih, cell.bias_ih, x_grad_rows, dtype)
+             + deferred_linear(h, cell.weight_hh, cell.bias_hh, dtype=dtype))
     i, f, g, o = gates.chunk(4, -1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def linear(layer: nn.Linear, x: Tensor, defer: bool = False) -> Tensor:
-    """``layer(x)``, with the weight gradient deferred when ``defer`` (see :func:`lstm_cell`)."""
-    return deferred_linear(x, layer.weight, layer.bias) if defer else layer(x)
+def linear(layer: nn.Linear, x: Tensor, defer: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """``layer(x)``, with the weight gradient deferred when ``defer``, in ``dtype`` (see :func:`lstm_cell`)."""
+    return deferred_linear(x, layer.weight, layer.bias, dtype=dtype) if defer else layer(x)
 
 
 def magnitude_head(hidden: int) -> nn.Linear:
@@ -113,6 +114,12 @@ class StackedLSTM(nn.Module):
         self.cell1 = nn.LSTMCell(self.n_in, self.hidden)
         self.cell2 = nn.LSTMCell(self.hidden, self.hidden)
         self.defer_weight_grad = False
+        self.matmul_dtype: torch.dtype | None = None  # with defer_weight_grad: the products' precision
+
+    @property
+    def deferral(self) -> tuple[bool, torch.dtype | None]:
+        """``(defer_weight_grad, matmul_dtype)``, the arguments of :func:`linear` for this LSTM's heads."""
+        return self.defer_weight_grad, self.matmul_dtype
 
     def init_state(self, n: int, dtype=None, device=None) -> LSTMState:
         z = lambda: torch.zeros(n, self.hidden, dtype=dtype, device=device)  # noqa: E731
@@ -121,8 +128,8 @@ class StackedLSTM(nn.Module):
     def forward(self, x: Tensor, state: LSTMState, x_grad_rows: Tensor | None = None
                 ) -> tuple[Tensor, LSTMState]:
         """``x_grad_rows``: the rows of ``x`` whose gradient is needed (None: all; see :func:`lstm_cell`)."""
-        h1, c1 = lstm_cell(x, state[0], self.cell1, self.defer_weight_grad, x_grad_rows)
-        h2, c2 = lstm_cell(h1, state[1], self.cell2, self.defer_weight_grad)
+        h1, c1 = lstm_cell(x, state[0], self.cell1, self.defer_weight_grad, x_grad_rows, self.matmul_dtype)
+        h2, c2 = lstm_cell(h1, state[1], self.cell2, self.defer_weight_grad, dtype=self.matmul_dtype)
         return h2, ((h1, c1), (h2, c2))
 
 
@@ -193,7 +200,7 @@ class UpdateLSTM(_GradLSTM):
         """``grad_rows``: the trajectories whose ``grad`` carries a graph the meta-gradient needs (the others
         are constants); None: all. It only saves work."""
         h, state = self.lstm(self._features(grad), state, grad_rows)
-        out = linear(self.head, h, self.lstm.defer_weight_grad)
+        out = linear(self.head, h, *self.lstm.deferral)
         u = _output_update(out, grad, self.update_param, self.update_scale, self.update_clamp, self.precond_lr,
                            self.precond_range)
         return u, state
@@ -235,7 +242,7 @@ class CoordinateUpdateLSTM(nn.Module):
         B, P = grad.shape
         x = preprocess(grad.reshape(B * P, 1), "log_sign", p=self.preprocess_p)
         h, state = self.lstm(x, state)
-        out = linear(self.head, h, self.lstm.defer_weight_grad).reshape(B, P)
+        out = linear(self.head, h, *self.lstm.deferral).reshape(B, P)
         u = _output_update(out, grad, self.update_param, self.update_scale, self.update_clamp, self.precond_lr,
                            self.precond_range)
         return u, state
@@ -263,10 +270,10 @@ class TeleportLSTM(_GradLSTM):
     def _T(self, h: Tensor) -> Tensor:
         """``T = magnitude * s * D / ||D||_F`` with ``D`` the head's ``k x k`` output and ``s = 1`` (P2,
         ``"fixed"``) or ``s = sigmoid(mag_head(h))`` in ``(0, 1)`` (``"learned"``: how far to teleport)."""
-        T = normalise(linear(self.head, h, self.lstm.defer_weight_grad).reshape(h.shape[0], self.k, self.k),
+        T = normalise(linear(self.head, h, *self.lstm.deferral).reshape(h.shape[0], self.k, self.k),
                       self.magnitude)
         if self.mag_head is not None:
-            T = T * torch.sigmoid(linear(self.mag_head, h, self.lstm.defer_weight_grad)).unsqueeze(-1)
+            T = T * torch.sigmoid(linear(self.mag_head, h, *self.lstm.deferral)).unsqueeze(-1)
         return T
 
     def forward(self, grad_pair: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
@@ -293,7 +300,7 @@ class LrTeleportLSTM(TeleportLSTM):
         self.lr_min, self.lr_max, self.lr_param = float(lr_min), float(lr_max), lr_param
 
     def step_size(self, h: Tensor) -> Tensor:
-        z = linear(self.lr_head, h, self.lstm.defer_weight_grad).squeeze(-1)
+        z = linear(self.lr_head, h, *self.lstm.deferral).squeeze(-1)
         return bounded_step_size(z, self.lr_min, self.lr_max, self.lr_param)
 
     def forward(self, grad_pair: Tensor, state: LSTMState):  # type: ignore[override]

@@ -158,13 +158,16 @@ class LearnedMethod(nn.Module):
                 "update_arch": self.lstm_cfg.update_arch if self.learn_update else None,
                 "param_shapes": {k: list(v.shape) for k, v in self.state_dict().items()}}
 
-    def defer_weight_grads(self, enabled: bool = True) -> "LearnedMethod":
+    def defer_weight_grads(self, enabled: bool = True, matmul_dtype: torch.dtype | None = None) -> "LearnedMethod":
         """Form the LSTM weights' gradients once per backward pass (:mod:`metatele.learned.deferred`):
         the meta-trainer's ``meta_loss.backward()`` gets the same gradients faster. Off by default, since
-        ``torch.autograd.grad`` with the weights as inputs would then not see them."""
+        ``torch.autograd.grad`` with the weights as inputs would then not see them. ``matmul_dtype`` (e.g.
+        ``torch.bfloat16``, with ``enabled``): the LSTMs' matrix products in that precision (mixed precision,
+        ``meta.matmul_dtype``); None keeps the weights' dtype. Without a graph (evaluation) nothing changes."""
         for m in self.modules():
             if isinstance(m, StackedLSTM):
                 m.defer_weight_grad = bool(enabled)
+                m.matmul_dtype = matmul_dtype if enabled else None
         return self
 
     # ------------------------------------------------------------------ state

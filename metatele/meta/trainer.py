@@ -55,6 +55,7 @@ import torch
 from ..checkpoint import check_arch, library_versions, load_checkpoint, save_checkpoint, CheckpointMismatch
 from ..config import Config, config_to_dict
 from ..devices import resolve_device, shard
+from ..learned.deferred import reuse_casts
 from ..learned.loading import DTYPES, build_method, checkpoint_config
 from ..learned.methods import LearnedMethod
 from ..problems import regression_batch, train_seeds
@@ -187,7 +188,9 @@ class MetaTrainer:
         self.stepper_kind = stepper
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
-        self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(True)
+        low = cfg.matmul_dtype_of(method_name)
+        self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(
+            True, None if low == "same" else getattr(torch, low))
         m = cfg.meta
         self.opt = meta_optimizer(meta_param_groups(self.method, lr_update=m.lr_update, lr_teleport=m.lr_teleport,
                                                     lr_lr_teleport=m.lr_lr_teleport))
@@ -257,8 +260,9 @@ class MetaTrainer:
     def _window(self, s: InnerState, k: int, stepper) -> tuple[InnerState, torch.Tensor, torch.Tensor]:
         """One truncation window of ``k`` inner steps with this trainer's meta-loss settings."""
         m = self.cfg.meta
-        return run_window(self.method, s, k, stepper, kind=m.meta_loss, decay=m.decay, stop_sync=self.stop_hook,
-                          through_teleport=self.through)
+        with reuse_casts():  # the meta-parameters are fixed during the window's forward pass
+            return run_window(self.method, s, k, stepper, kind=m.meta_loss, decay=m.decay,
+                              stop_sync=self.stop_hook, through_teleport=self.through)
 
     def _end_meta_batch(self, i: int, metas: list[float], t_begin: float) -> float:
         """Bookkeeping after meta-batch ``i``: progress, the selection check, the mean meta-loss (returned)."""
