@@ -208,6 +208,18 @@ def test_bfloat16_products_meta_train_and_stay_close_to_float32():
         tiny_config(meta__matmul_dtype="float16")
 
 
+def test_bfloat16_products_fall_back_where_they_would_be_slow(monkeypatch):
+    """A CPU without fast bfloat16 products keeps float32 ones, and says so."""
+    from metatele.meta.trainer import matmul_dtype
+    cpu = torch.device("cpu")
+    assert matmul_dtype("same", cpu) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="keeps float32"):
+        assert matmul_dtype("bfloat16", cpu) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert matmul_dtype("bfloat16", cpu) is torch.bfloat16
+
+
 @pytest.mark.parametrize("change,match", [
     ({"meta__unroll": 4}, "multiple of meta.unroll"),
     ({"meta__first_window_weight": 2.0}, "first_window_weight"),

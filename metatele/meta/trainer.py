@@ -47,6 +47,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -105,6 +106,27 @@ def _map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(_map_tensors(v, fn) for v in x)
     return x
+
+
+def matmul_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of ``meta.matmul_dtype = name`` on ``device`` (None: the weights' own). Where the device has
+    no fast bfloat16 products (a CPU without AVX-512, a GPU without bfloat16), float32 is kept, with a
+    warning: there bfloat16 would be slower, not faster."""
+    if name == "same":
+        return None
+    dtype = getattr(torch, name)
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        fast = bool(check()) if check is not None else True
+    else:
+        fast = True
+    if not fast:
+        warnings.warn(f"meta.matmul_dtype = {name!r}: this {device.type} has no fast {name} matrix products; "
+                      "meta-training keeps float32 products", stacklevel=3)
+        return None
+    return dtype
 
 
 def meta_param_groups(method: LearnedMethod, *, lr_update: float, lr_teleport: float,
@@ -188,9 +210,8 @@ class MetaTrainer:
         self.stepper_kind = stepper
         self.device = resolve_device(cfg.train.device if device is None else device)
         self.dtype = DTYPES[cfg.problem.dtype]
-        low = cfg.matmul_dtype_of(method_name)
-        self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(
-            True, None if low == "same" else getattr(torch, low))
+        low = matmul_dtype(cfg.matmul_dtype_of(method_name), self.device)
+        self.method = build_method(method_name, cfg).to(self.device).defer_weight_grads(True, low)
         m = cfg.meta
         self.opt = meta_optimizer(meta_param_groups(self.method, lr_update=m.lr_update, lr_teleport=m.lr_teleport,
                                                     lr_lr_teleport=m.lr_lr_teleport))
