@@ -148,9 +148,11 @@ def test_population_stays_spread_over_the_horizon(method_name):
     assert torch.all(tr.population.life == 6)
 
 
-def test_staggered_resume_equals_uninterrupted(tmp_path):
-    """The population (weights, LSTM states, phases, seeds) is in the checkpoint: resuming is exact."""
-    cfg = tiny_config(train__stagger=True, train__batch=4)
+@pytest.mark.parametrize("low", ["same", "bfloat16"])
+def test_staggered_resume_equals_uninterrupted(tmp_path, low):
+    """The population (weights, LSTM states, phases, seeds) is in the checkpoint: resuming is exact, with
+    bfloat16 products too."""
+    cfg = tiny_config(train__stagger=True, train__batch=4, meta__matmul_dtype=low)
     cfg.methods["lstm_update_tele"].trajectories = 16  # 4 meta-batches of 4
     a, c, (_, next_seed) = straight_and_resumed(cfg, "lstm_update_tele", tmp_path / "ck.pt")
     assert next_seed == 4 + 2 * 4  # 4 first, then 4 new per meta-batch
