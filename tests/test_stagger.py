@@ -256,3 +256,18 @@ def test_per_method_stagger_overrides_train_stagger():
     assert up.population is not None
     with pytest.raises(ValueError, match="methods.lstm_update.stagger"):
         tiny_config(methods__lstm_update={"trajectories": 4, "steps": 6, "stagger": "yes"})
+
+
+def test_precision_benchmark_runs(capsys):
+    """benchmarks/meta_precision.py: its product timings cover both precisions, and bad arguments exit."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import meta_precision
+
+    rows = meta_precision.product_times(reps=1)
+    assert [r[0] for r in rows] == meta_precision.SHAPES
+    assert all(f32 > 0 and bf16 > 0 for _, f32, bf16 in rows)
+    with pytest.raises(SystemExit):
+        meta_precision.main(["--rounds", "0"])
+    assert "--rounds" in capsys.readouterr().err
