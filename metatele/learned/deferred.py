@@ -21,8 +21,9 @@ float32), and their results are returned in ``x``'s dtype. The weight is rounded
 copy kept for the backward pass; inside :func:`reuse_casts` (the meta-trainer's forward pass over one
 truncation window, during which the weights do not change) each weight is rounded once. A cache keyed on
 the weights' version counters would go stale: the fused Adam step changes weights without bumping them.
-``W.grad``, the bias and everything outside the products keep their dtype. On CPUs with bfloat16 instructions (AVX512-BF16) and on GPUs the products are 2-2.5x faster at
-the meta-trainer's sizes; the result is rounded, not bit-equal.
+``W.grad``, the bias and everything outside the products keep their dtype. On a CPU with bfloat16
+instructions (AVX512-BF16) the products are about 2x faster at the meta-trainer's sizes
+(``benchmarks/meta_precision.py``); the result is rounded, not bit-equal.
 
 Limits (why it is opt-in, see ``StackedLSTM.defer_weight_grad``): the weight's gradient is *accumulated
 into* ``W.grad`` like ``Tensor.backward`` does, so it is meant for ``loss.backward()``; with
