@@ -326,8 +326,8 @@ def test_diverged_trajectories_are_dropped_not_the_meta_batch():
         state = {}
         orig = tr.method.propose_update
 
-        def poisoned(w, g, st):  # trajectory 0 blows up at inner step 4
-            new, st = orig(w, g, st)
+        def poisoned(w, g, st, grad_rows=None):  # trajectory 0 blows up at inner step 4
+            new, st = orig(w, g, st, grad_rows)
             state["t"] = state.get("t", -1) + 1
             if state["t"] == 4:
                 new = tuple(torch.cat([torch.full_like(x[:1], float("inf")), x[1:]]) for x in new)

@@ -144,8 +144,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
     holder = {"lstm": s.lstm}
 
     def rule(w, g, grad_rows=None):
-        extra = {} if grad_rows is None else {"grad_rows": grad_rows}
-        new, holder["lstm"] = method.propose_update(w, g, holder["lstm"], **extra)
+        new, holder["lstm"] = method.propose_update(w, g, holder["lstm"], grad_rows)
         return new
 
     # 0: no teleport at this step; a (B,) tensor when the trajectories are at different steps (staggered)
@@ -170,7 +169,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
     def teleported(w, Ts):
         """``g(T) . w`` and, under ``through``, the view ``g(T) . stop_grad(w)`` of the ``moving`` trajectories
         (two plain calls: batching them into one measured no faster at paper size). Trajectories not ``moving``
-        keep ``w`` exactly. Returns ``(weights, view, view_rows)``: the view has the rows ``moving`` only."""
+        keep ``w`` exactly. The view has the rows ``moving`` only."""
         if isinstance(scale, Tensor):
             Ts = [None if T is None else T * scale.to(T).reshape((-1,) + (1,) * (T.dim() - 1)) for T in Ts]
         elif scale != 1.0:
@@ -180,7 +179,7 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         out = method.teleport(ws, Xs, Ts, Ps)
         if moving is not None:
             out = tuple(x.index_copy(0, moving, y) for x, y in zip(w, out))
-        return out, view, moving
+        return out, view
 
     def loss_grad(w, view, rows):
         """``L(w)`` with its graph and the gradient the LSTMs read: taken at ``view`` when there is one, for
@@ -201,22 +200,21 @@ def inner_step(method: LearnedMethod, s: InnerState, stepper, *, through_telepor
         loss, g = loss_grad(w, view, rows)
         return loss, tuple(rule(tuple(w), g, rows)), g
 
-    view = view_rows = None
+    view = None
     teleports = isinstance(scale, Tensor) or scale != 0
     if teleports and c.order == "teleport_then_update":
         loss, g = loss_grad(s.weights, s.tele_view, s.view_rows)
         Ts, holder["lstm"] = proposed(g, holder["lstm"])
-        w, w_view, w_rows = teleported(s.weights, Ts)
-        _, new, _ = loss_grad_step(w, w_view, w_rows)
+        w, w_view = teleported(s.weights, Ts)
+        _, new, _ = loss_grad_step(w, w_view, moving)
     else:
         loss, new, g = loss_grad_step(s.weights, s.tele_view, s.view_rows)
         if teleports:
             Ts, holder["lstm"] = proposed(g, holder["lstm"])
-            new, view, view_rows = teleported(new, Ts)
+            new, view = teleported(new, Ts)
     gn = sum(x.detach().pow(2).flatten(1).sum(1) for x in g)
     phase = None if s.phase is None else s.phase + 1
-    if view is None:
-        view_rows = None
+    view_rows = moving if view is not None else None
     return (InnerState(tuple(new), X, Y, s.X_pinv, holder["lstm"], s.t + 1, view, phase, view_rows),
             loss, gn)
 
